@@ -1,0 +1,24 @@
+# The two quickstart commands: `make demo` and `make test`. Each creates .venv from pyproject.toml.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+
+$(BIN)/jaxpost: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: install demo test lint
+install: $(BIN)/jaxpost
+
+demo: install
+	$(BIN)/jaxpost train --config=configs/sft.py --workdir=$(WORKDIR)
+
+lint: install
+	$(BIN)/ruff check jaxpost configs tests tools
+	$(BIN)/ruff format --check jaxpost configs tests tools
+
+test: install lint
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/pytest -q tests

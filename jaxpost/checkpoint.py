@@ -1,0 +1,117 @@
+"""Checkpoints under WORKDIR/checkpoints: {params, optimizer state, data iterator} per step.
+
+Each step directory holds three orbax items: `params` (the model pytree, loadable alone with
+`load_params`), `train` (step, optimizer state, rng) and `data` (grain iterator position, one file
+per process). Saves are asynchronous and atomic (orbax writes to a temporary directory and renames),
+and older steps are deleted only after a newer one is complete, so an interrupted run never loses
+the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def make_manager(
+    workdir: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep > 0 else None,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=options,
+        item_handlers={
+            "params": ocp.StandardCheckpointHandler(),
+            "train": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
+    )
+
+
+def _split(state) -> tuple[Any, dict]:
+    return state.params, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def save(manager: ocp.CheckpointManager, state, data_iterator, *, force: bool = False) -> bool:
+    params, train = _split(state)
+    step = int(jax.device_get(state.step))
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            train=ocp.args.StandardSave(train),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+        ),
+        force=force,
+    )
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator, step: int | None = None):
+    """Restore `(state, data_iterator)` into the shardings of `abstract_state`
+    (a TrainState of `jax.ShapeDtypeStruct`s with `.sharding`)."""
+    step = manager.latest_step() if step is None else step
+    params, train = _split(abstract_state)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params),
+            train=ocp.args.StandardRestore(train),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+        ),
+    )
+    t = restored["train"]
+    state = abstract_state.replace(
+        step=t["step"], params=restored["params"], opt_state=t["opt_state"], rng=t["rng"]
+    )
+    return state, restored["data"]
+
+
+def load_params(workdir: str, step: int | None = None) -> Any:
+    """The params pytree (numpy arrays, host memory) of the latest or given checkpoint.
+
+    Needs only the workdir: no config, mesh or CLI. Place the result on devices with
+    `jax.device_put(params, shardings)` as your program needs.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoints in {workdir!r}: {directory} does not exist.")
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={"params": ocp.PyTreeCheckpointHandler()},
+    )
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f"{directory} has no step {step}; available steps: {sorted(steps)}")
+    metadata = manager.item_metadata(step)["params"]
+    target = jax.tree.map(
+        lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
+        metadata,
+        is_leaf=lambda m: hasattr(m, "shape"),
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=target)),
+    )
+    manager.close()
+    return restored["params"]

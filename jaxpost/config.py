@@ -1,0 +1,150 @@
+"""Run configs: the schema every config file starts from, loading `path:arg`, and overrides.
+
+A config file defines `get_config(arg=None)` returning a ConfigDict built from `base_config()`.
+`check_config` rejects unknown or missing keys (with a suggestion) before any work starts, so a
+typo like `optim.learning_rate` never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from jaxpost import model as model_lib
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run reads, with defaults. Sections mirror the modules."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = dataclasses.asdict(model_lib.preset("smoke"))
+    c.data = dict(
+        train_path="builtin:arithmetic",  # JSONL path/glob, or builtin:NAME
+        eval_path="builtin:arithmetic",  # '' = no eval
+        tokenizer="byte",
+        seq_len=32,
+        truncation="keep_start",  # keep_start | keep_end | drop (for too-long examples)
+        max_eval_examples=0,  # 0 = the whole eval split
+        num_workers=0,  # grain worker processes; 0 = in the main process
+    )
+    c.objective = dict(name="sft")
+    c.optim = dict(
+        lr=1e-3,
+        warmup_steps=10,
+        decay="cosine",  # cosine | linear | constant
+        final_lr_fraction=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        clip_grad_norm=1.0,  # 0 disables clipping
+    )
+    c.train = dict(
+        num_steps=100,
+        global_batch=16,  # sequences per optimizer step, over all hosts and micro-batches
+        accum_steps=1,  # micro-batches per step (gradient accumulation)
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the remaining devices
+    c.eval = dict(every_steps=50, batch_size=16)  # every_steps=0: only before and after
+    c.checkpoint = dict(every_steps=50, keep=2, async_save=True)  # every_steps=0: only at end
+    c.log = dict(
+        every_steps=10,
+        peak_flops_per_device=0.0,  # 0 = look up the device kind (CPU: measured at start)
+        tensorboard=True,
+    )
+    return ml_collections.ConfigDict(c)
+
+
+def _keys(c: Any, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in c.items():
+        out.add(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            out |= _keys(v, prefix + k + ".")
+    return out
+
+
+def check_config(config: ml_collections.ConfigDict, source: str = "config") -> None:
+    """Raise ValueError naming every unknown or missing key (with close matches)."""
+    have, want = _keys(config), _keys(base_config())
+    problems = []
+    for key in sorted(have - want):
+        close = difflib.get_close_matches(key, want, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"unknown key {key!r}{hint}")
+    for key in sorted(want - have):
+        problems.append(f"missing key {key!r}")
+    if problems:
+        raise ValueError(f"Invalid config from {source}: " + "; ".join(problems))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load `path/to/file.py[:arg]` by calling its `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path!r} does not exist (from --config={spec}).")
+    module_spec = importlib.util.spec_from_file_location(
+        "jaxpost_config_" + os.path.basename(path).removesuffix(".py"), path
+    )
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"Config file {path!r} defines no get_config(arg=None).")
+    config = module.get_config(arg or None)
+    check_config(config, source=spec)
+    return config
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--config.{key}={text}: expected true or false")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(
+            f"--config.{key}={text}: cannot parse as {type(current).__name__}"
+        ) from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ValueError(
+            f"--config.{key}={text}: expected {type(current).__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Apply `a.b=value` overrides in place; unknown keys raise with a suggestion."""
+    known = _keys(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config.{item}: expected --config.KEY=VALUE")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean --config.{close[0]}?" if close else ""
+            raise ValueError(f"--config.{key}: no such config key.{hint}")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ValueError(f"--config.{key} is a section; set one of its fields instead")
+        with config.unlocked():
+            node[leaf] = _parse_value(text, node[leaf], key)

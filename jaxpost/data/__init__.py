@@ -1,0 +1,1 @@
+"""Data: record formats, tokenizers and the grain pipeline. Never imports jax."""

@@ -1,0 +1,167 @@
+"""The grain pipeline: validated, tokenised examples -> fixed-shape numpy batches.
+
+Every record is read and tokenised once at startup, so a malformed record stops the run before
+anything is compiled. Batches are dicts of int32 arrays shaped `[accum_steps, micro_batch, L]`
+(per process); `L = seq_len` is fixed so the train step compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxpost.data import records as records_lib
+from jaxpost.data import sources
+from jaxpost.data.tokenizer import ByteTokenizer
+
+SFT_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+TRUNCATIONS = ("keep_start", "keep_end", "drop")
+
+
+@dataclasses.dataclass
+class Example:
+    ids: np.ndarray  # int32 [n]
+    mask: np.ndarray  # int32 [n]; 1 = token is a training target
+
+
+@dataclasses.dataclass
+class DataStats:
+    records: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    target_tokens: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.records} records, {self.truncated} truncated, {self.dropped} dropped as too "
+            f"long, {self.target_tokens} target tokens"
+        )
+
+
+def make_tokenizer(data_config: Mapping[str, Any]) -> ByteTokenizer:
+    if data_config["tokenizer"] != "byte":
+        raise ValueError(
+            f"config.data.tokenizer={data_config['tokenizer']!r}: only the built-in 'byte' "
+            "tokenizer is available in this version."
+        )
+    return ByteTokenizer()
+
+
+def _fit_length(ex: Example, limit: int, truncation: str) -> Example | None:
+    if len(ex.ids) <= limit:
+        return ex
+    if truncation == "drop":
+        return None
+    keep = slice(None, limit) if truncation == "keep_start" else slice(-limit, None)
+    ex = Example(ex.ids[keep], ex.mask[keep])
+    return ex if ex.mask[1:].any() else None
+
+
+def load_sft_examples(
+    spec: str,
+    split: str,
+    tokenizer: ByteTokenizer,
+    *,
+    seq_len: int,
+    truncation: str = "keep_start",
+    max_examples: int = 0,
+) -> tuple[list[Example], DataStats]:
+    """Read, validate and tokenise every record of `spec`; raise on the first bad one."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"config.data.truncation={truncation!r} is not one of {TRUNCATIONS}")
+    examples, stats = [], DataStats()
+    for record, where in sources.read_records(spec, split):
+        ids, mask = records_lib.tokenize_sft(record, tokenizer, where)
+        stats.records += 1
+        ex = _fit_length(
+            Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32)), seq_len + 1, truncation
+        )
+        if ex is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += int(len(ex.ids) < len(ids))
+        stats.target_tokens += int(ex.mask[1:].sum())
+        examples.append(ex)
+        if max_examples and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise ValueError(
+            f"Dataset {spec!r} ({split}) has no usable examples ({stats.summary()}); with "
+            f"data.seq_len={seq_len} every record was too long or empty."
+        )
+    return examples, stats
+
+
+def to_row(ex: Example, seq_len: int) -> dict[str, np.ndarray]:
+    """One example as a fixed-length row; position t predicts `targets[t]` from `inputs[:t+1]`."""
+    n = len(ex.ids) - 1
+    row = {k: np.zeros(seq_len, np.int32) for k in SFT_KEYS}
+    row["inputs"][:n] = ex.ids[:-1]
+    row["targets"][:n] = ex.ids[1:]
+    row["loss_mask"][:n] = ex.mask[1:]
+    row["segment_ids"][:n] = 1
+    row["positions"][:n] = np.arange(n, dtype=np.int32)
+    return row
+
+
+def _split_accum(batch: dict[str, np.ndarray], accum_steps: int) -> dict[str, np.ndarray]:
+    return {k: v.reshape(accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
+def make_train_iterator(
+    examples: list[Example],
+    *,
+    seq_len: int,
+    micro_batch: int,
+    accum_steps: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this process's batches `[accum, micro_batch, L]`.
+
+    Shuffles with `seed` (reshuffled every epoch); process `i` of `n` reads examples i, i+n, ...
+    of each epoch's order, so processes never overlap.
+    """
+    if len(examples) < process_count:
+        raise ValueError(f"{len(examples)} examples cannot be split over {process_count} processes")
+    ds = grain.MapDataset.source(examples).shuffle(seed=seed)
+    ds = ds[process_index::process_count].repeat(None)
+    ds = ds.map(functools.partial(to_row, seq_len=seq_len))
+    ds = ds.batch(accum_steps * micro_batch, drop_remainder=True)
+    ds = ds.map(functools.partial(_split_accum, accum_steps=accum_steps))
+    it_ds = ds.to_iter_dataset()
+    if num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it_ds)
+
+
+def make_eval_batches(
+    examples: list[Example],
+    *,
+    seq_len: int,
+    micro_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """The whole eval split once, in order, as `[1, micro_batch, L]` batches for this process.
+
+    The last batch is padded with empty rows (no target tokens), so every example counts once.
+    """
+    rows = [to_row(ex, seq_len) for ex in examples]
+    global_batch = micro_batch * process_count
+    n_batches = -(-len(rows) // global_batch)
+    empty = {k: np.zeros(seq_len, np.int32) for k in SFT_KEYS}
+    rows += [empty] * (n_batches * global_batch - len(rows))
+    batches = []
+    for b in range(n_batches):
+        chunk = rows[b * global_batch : (b + 1) * global_batch]
+        mine = chunk[process_index * micro_batch : (process_index + 1) * micro_batch]
+        batches.append({k: np.stack([r[k] for r in mine])[None] for k in SFT_KEYS})
+    return batches

@@ -1,0 +1,93 @@
+"""Where records come from: local JSONL files (globs), or a built-in task (`builtin:NAME`).
+
+Every record is returned with its location (`path:line`, or `builtin:NAME[i]`) so later errors can
+name it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+from collections.abc import Iterator
+
+from jaxpost.data.records import DataError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def expand_paths(pattern: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not paths:
+        raise FileNotFoundError(
+            f"No data file matches {pattern!r} (working directory {os.getcwd()}). Check the path "
+            "in config.data.train_path / config.data.eval_path; globs like 'data/*.jsonl' work."
+        )
+    return paths
+
+
+def read_jsonl(pattern: str) -> Iterator[tuple[dict, str]]:
+    """Yield `(record, "path:line")` for each non-blank line of every file matching `pattern`."""
+    for path in expand_paths(pattern):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: invalid UTF-8 at byte {e.start}") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+                    ) from None
+                yield record, where
+
+
+def read_records(spec: str, split: str) -> Iterator[tuple[dict, str]]:
+    """Records of a data spec: a JSONL path/glob, or `builtin:NAME` (with `split` train/eval)."""
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_TASKS:
+            raise ValueError(
+                f"Unknown built-in dataset {spec!r}; known: "
+                + ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_TASKS))
+            )
+        for i, record in enumerate(BUILTIN_TASKS[name](split)):
+            yield record, f"{spec}[{split}][{i}]"
+        return
+    yield from read_jsonl(spec)
+
+
+# --- built-in tasks ------------------------------------------------------------------------------
+
+
+def _is_eval_pair(a: int, b: int) -> bool:
+    # A fixed, order-independent 10% of the problems is held out; never trained on.
+    return (a * 7919 + b * 104729 + min(a, b) * 31) % 10 == 0
+
+
+def arithmetic(split: str) -> list[dict]:
+    """Two-number addition as chat: 'What is 23+58?' -> '81'. Exact answers, so success is
+    measurable as exact-match accuracy; held-out problems never appear in training."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"builtin:arithmetic has splits 'train' and 'eval', not {split!r}")
+    want_eval = split == "eval"
+    problems = [(a, b) for a in range(50) for b in range(50) if _is_eval_pair(a, b) == want_eval]
+    random.Random(0).shuffle(problems)
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a}+{b}?"},
+                {"role": "assistant", "content": str(a + b)},
+            ]
+        }
+        for a, b in problems
+    ]
+
+
+BUILTIN_TASKS = {"arithmetic": arithmetic}

@@ -1,0 +1,87 @@
+"""The `jaxpost` command line: `jaxpost train --config=configs/sft.py:smoke --workdir=DIR`.
+
+Field overrides follow the config: `--config.optim.lr=3e-4 --config.train.num_steps=200`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+_USAGE_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxpost", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train (or resume) one run",
+        epilog="Any --config.SECTION.KEY=VALUE overrides that config field.",
+    )
+    train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
+    train.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+    return parser
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    rest, overrides = [], []
+    for arg in argv:
+        if arg.startswith("--config."):
+            overrides.append(arg[len("--config.") :])
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse `argv` and run; returns the command's summary (used by tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    # Imports after parsing, so `jaxpost --help` is instant.
+    from jaxpost import config as config_lib
+    from jaxpost import train as train_lib
+
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    summary = train_lib.train(config, args.workdir)
+    before, after = summary["eval_before"], summary["eval_after"]
+    if after:
+        logging.getLogger("jaxpost").info(
+            "done: %s", _before_after(before, after, summary["start_step"], summary["final_step"])
+        )
+    return summary
+
+
+def _before_after(before: dict, after: dict, start: int, end: int) -> str:
+    parts = []
+    for k, v in after.items():
+        if k.startswith("num_"):
+            continue
+        if k in before:
+            parts.append(f"eval {k} {before[k]:.4g} (step {start}) -> {v:.4g} (step {end})")
+        else:
+            parts.append(f"eval {k} {v:.4g} (step {end})")
+    return "; ".join(parts)
+
+
+def run() -> None:
+    """Console entry point: user errors print one clear line, not a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from jaxpost.data.records import DataError
+    from jaxpost.train import NonFiniteLossError
+
+    try:
+        main()
+    except (*_USAGE_ERRORS, DataError, NonFiniteLossError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"jaxpost: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

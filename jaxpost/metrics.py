@@ -1,0 +1,127 @@
+"""Metric writers (JSONL, TensorBoard, console) and the peak FLOP/s that MFU divides by.
+
+MFU = (model FLOPs per token x tokens computed, padding included) / elapsed / peak, where the model
+FLOPs follow `model.flops_per_token` (6N + attention, PaLM convention) and `peak` is
+  * `config.log.peak_flops_per_device` x device count when set;
+  * else the vendor's dense bf16 peak of the device kind (TPU v4/v5e/v5p/v6e, A100, H100, H200)
+    x device count;
+  * on CPU, the float32 matmul throughput measured at startup with all local devices working at
+    once (fake CPU devices share the same cores, so this is the machine's peak).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip (vendor data sheets).
+_PEAKS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best float32 matmul FLOP/s with every local device multiplying `[n, n] @ [n, n]` at once.
+
+    Running on all devices together matters on CPU, where the devices share the same cores.
+    """
+    devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(devices, ("d",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    x = jax.device_put(jnp.ones((len(devices), n, n), jnp.float32), spec)
+    f = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a), out_shardings=spec)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * len(devices) / best
+
+
+def peak_flops(configured_per_device: float = 0.0) -> tuple[float, str]:
+    """`(peak FLOP/s of all devices, how it was obtained)`."""
+    devices = jax.devices()
+    if configured_per_device > 0:
+        return configured_per_device * len(devices), "config.log.peak_flops_per_device"
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return measure_matmul_flops(), "measured float32 matmul, all CPU devices at once"
+    for prefix, peak in sorted(_PEAKS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(prefix):
+            return peak * len(devices), f"{kind} bf16 data-sheet peak x {len(devices)}"
+    return measure_matmul_flops(4096), f"measured float32 matmul on {kind}"
+
+
+def _format_value(v: float) -> str:
+    if v == 0 or 1e-3 <= abs(v) < 1e5:
+        return f"{v:.4g}"
+    return f"{v:.3e}"
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricWriter:
+    """Appends to WORKDIR/metrics.jsonl and TensorBoard events; silent on non-zero processes."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+        self._enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self._enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def console_line(step: int, num_steps: int, scalars: Mapping[str, float], eta_s: float) -> str:
+    shown = ["loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu"]
+    parts = [f"step {step}/{num_steps}"]
+    for k in shown:
+        if k in scalars:
+            v = scalars[k]
+            if k == "mfu":
+                parts.append(f"mfu {100 * v:.1f}%")
+            elif k == "tokens_per_sec":
+                parts.append(f"{v:,.0f} tok/s")
+            else:
+                parts.append(f"{k} {_format_value(v)}")
+    parts.append(f"eta {format_eta(eta_s)}")
+    return " | ".join(parts)

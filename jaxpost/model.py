@@ -1,0 +1,338 @@
+"""The Llama-family decoder as a pure-functional Flax Linen module.
+
+`Decoder(config).init/apply` -- params are a plain pytree whose leaves map one to one onto a
+Hugging Face Llama checkpoint (each tensor a reshape/transpose of one HF tensor):
+
+  embedding            [V, D]            model.embed_tokens.weight
+  layers/attn/q/kernel [n, D, H, Dh]     layers.i.self_attn.q_proj.weight ([H*Dh, D])
+  layers/attn/k/kernel [n, D, K, Dh]     layers.i.self_attn.k_proj.weight
+  layers/attn/v/kernel [n, D, K, Dh]     layers.i.self_attn.v_proj.weight
+  layers/attn/o/kernel [n, H, Dh, D]     layers.i.self_attn.o_proj.weight
+  layers/attn/{q,k,v}/bias               ..._proj.bias (qkv_bias=True, Qwen2)
+  layers/mlp/{gate,up}/kernel [n, D, F]  layers.i.mlp.{gate,up}_proj.weight
+  layers/mlp/down/kernel [n, F, D]       layers.i.mlp.down_proj.weight
+  layers/attn_norm/scale, mlp_norm/scale input_layernorm, post_attention_layernorm
+  final_norm/scale                       model.norm.weight
+  lm_head              [D, V]            lm_head.weight (absent when tie_embeddings)
+
+Layers are stacked on a leading axis and run with `nn.scan`. Rotary embeddings follow
+transformers' Llama (`rotate_half` over the two halves of each head).
+
+Shape legend: B batch, L length, D model width, H query heads, K kv heads, G = H/K,
+Dh head dim, F mlp width, V vocabulary, n layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a plain nested dict of arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Architecture of one decoder. Layers receive this and nothing else."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # activations and matmuls
+    param_dtype: str = "float32"
+    remat: str = "none"  # one of REMAT_POLICIES
+
+    def __post_init__(self):
+        problems = []
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.mlp_dim <= 0:
+            problems.append(f"mlp_dim={self.mlp_dim} must be positive")
+        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+            problems.append(
+                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (grouped-query "
+                "attention shares each kv head among n_heads/n_kv_heads query heads)"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
+                problems.append(f"{name}={getattr(self, name)!r} is not a float dtype name")
+        if problems:
+            raise ValueError("Invalid model config (config.model): " + "; ".join(problems))
+
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute each layer in backward
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_BENCH = dict(vocab_size=8192, head_dim=64, rope_theta=10000.0, rms_eps=1e-6, tie_embeddings=False)
+
+PRESETS: dict[str, Config] = {
+    # Tiny, for tests: 4 heads / 2 kv heads exercises grouped-query attention.
+    "smoke": Config(
+        vocab_size=272, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=176
+    ),
+    # The built-in demo (byte tokenizer vocabulary).
+    "demo": Config(
+        vocab_size=272, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352
+    ),
+    "bench-tiny": Config(d_model=256, mlp_dim=688, n_layers=4, n_heads=4, n_kv_heads=4, **_BENCH),
+    "bench-small": Config(d_model=512, mlp_dim=1408, n_layers=8, n_heads=8, n_kv_heads=8, **_BENCH),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def _constrain(x, names: tuple[str | None, ...]):
+    """Activation sharding hint; a no-op outside a mesh with logical axis rules."""
+    return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        cfg = self.config
+        scale_D = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x_BLD.shape[-1],),
+            jnp.dtype(cfg.param_dtype),
+        )
+        x = x_BLD.astype(jnp.promote_types(x_BLD.dtype, jnp.float32))
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.rms_eps)
+        return (scale_D.astype(x.dtype) * x).astype(cfg.dtype)
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:
+    """cos and sin tables `[B, L, Dh]` for transformers-style rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BLd = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    angles_BLD = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)
+    return jnp.cos(angles_BLD), jnp.sin(angles_BLD)
+
+
+def apply_rope(x_BLHD: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> jax.Array:
+    half = x_BLHD.shape[-1] // 2
+    x1, x2 = x_BLHD[..., :half], x_BLHD[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BLD[:, :, None, :], sin_BLD[:, :, None, :]
+    out = x_BLHD.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x_BLHD.dtype)
+
+
+def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
+    """`[B, 1, L, L]` boolean: causal and within the same segment (packed rows never mix)."""
+    L = segment_ids_BL.shape[-1]
+    causal_LL = jnp.tril(jnp.ones((L, L), dtype=bool))
+    same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return (causal_LL[None] & same_BLL)[:, None]
+
+
+def _param(module: nn.Module, name: str, shape, axes, init) -> jax.Array:
+    """A logically annotated parameter, cast to the compute dtype."""
+    cfg = module.config
+    value = module.param(
+        name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype)
+    )
+    return value.astype(cfg.dtype)
+
+
+class Dense(nn.Module):
+    """Contract the trailing `in_shape` dims of x with a kernel of shape `in_shape + out_shape`."""
+
+    config: Config
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of the kernel's dims
+    std: float
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = len(self.in_shape)
+        kernel = _param(self, "kernel", self.in_shape + self.out_shape, self.axes, _init(self.std))
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        if self.use_bias:
+            y = y + _param(self, "bias", self.out_shape, self.axes[n_in:], nn.initializers.zeros)
+        return y
+
+
+class Attention(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LL):
+        cfg = self.config
+        D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+        def proj(name, heads, head_axis):
+            axes = ("embed", head_axis, "head_dim")
+            return Dense(cfg, (D,), (heads, Dh), axes, cfg.init_std, cfg.qkv_bias, name=name)
+
+        q_BLHD = proj("q", H, "heads")(x_BLD)
+        k_BLKD = proj("k", K, "kv_heads")(x_BLD)
+        v_BLKD = proj("v", K, "kv_heads")(x_BLD)
+        q_BLHD = _constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
+        q_BLHD = apply_rope(q_BLHD, cos_BLD, sin_BLD)
+        k_BLKD = apply_rope(k_BLKD, cos_BLD, sin_BLD)
+        # Grouped-query attention: dot_product_attention shares each kv head among H/K queries.
+        out_BLHD = jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LL)
+        out_BLHD = _constrain(out_BLHD, ("act_batch", "act_length", "act_heads", None))
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        o_axes = ("heads", "head_dim", "embed")
+        return Dense(cfg, (H, Dh), (D,), o_axes, out_std, name="o")(out_BLHD)
+
+
+class Mlp(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        cfg = self.config
+        D, F = cfg.d_model, cfg.mlp_dim
+        gate_BLF = Dense(cfg, (D,), (F,), ("embed", "mlp"), cfg.init_std, name="gate")(x_BLD)
+        up_BLF = Dense(cfg, (D,), (F,), ("embed", "mlp"), cfg.init_std, name="up")(x_BLD)
+        h_BLF = _constrain(nn.silu(gate_BLF) * up_BLF, ("act_batch", "act_length", "act_mlp"))
+        down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        return Dense(cfg, (F,), (D,), ("mlp", "embed"), down_std, name="down")(h_BLF)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the scan body (carry = residual stream)."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LL):
+        cfg = self.config
+        h_BLD = RMSNorm(cfg, name="attn_norm")(x_BLD)
+        x_BLD = x_BLD + Attention(cfg, name="attn")(h_BLD, cos_BLD, sin_BLD, mask_B1LL)
+        h_BLD = RMSNorm(cfg, name="mlp_norm")(x_BLD)
+        x_BLD = x_BLD + Mlp(cfg, name="mlp")(h_BLD)
+        x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+        return x_BLD, None
+
+
+class Decoder(nn.Module):
+    """Token ids in, logits (or final hidden states) out."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        *,
+        return_hidden: bool = False,
+    ) -> jax.Array:
+        """Forward pass.
+
+        Args:
+          tokens_BL: input token ids.
+          positions_BL: position of each token within its segment (RoPE); default `arange(L)`.
+          segment_ids_BL: document id of each token; attention stays within equal ids, so a
+            packed row never attends across documents. Default: one segment per row.
+          return_hidden: return the final-norm hidden states `[B, L, D]` instead of logits, for
+            chunked log-probs (`losses.chunked_token_logps` with `unembedding(params, cfg)`).
+        """
+        cfg = self.config
+        B, L = tokens_BL.shape
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones((B, L), jnp.int32)
+
+        embedding_VD = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            jnp.dtype(cfg.param_dtype),
+        )
+        x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(cfg.dtype)
+        x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+        cos_BLD, sin_BLD = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+        mask_B1LL = attention_mask(segment_ids_BL)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        x_BLD, _ = layers(x_BLD, cos_BLD, sin_BLD, mask_B1LL)
+        x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
+        if return_hidden:
+            return x_BLD
+
+        if cfg.tie_embeddings:
+            unembed_DV = embedding_VD.T
+        else:
+            unembed_DV = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
+                (cfg.d_model, cfg.vocab_size),
+                jnp.dtype(cfg.param_dtype),
+            )
+        logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, unembed_DV.astype(cfg.dtype))
+        return _constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+
+def unembedding(params: Params, config: Config) -> jax.Array:
+    """The output projection `[D, V]` of a params pytree (the transposed embedding if tied)."""
+    return params["embedding"].T if config.tie_embeddings else params["lm_head"]
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(config: Config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B convention.
+
+    6 x (matmul parameters, including the output projection but not the embedding lookup) plus
+    12 x n_layers x (H x Dh) x seq_len for attention scores and values (no causal discount).
+    Remat recomputation is not counted (MFU, not hardware utilisation).
+    """
+    c = config
+    attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    mlp = 3 * c.d_model * c.mlp_dim
+    matmul_params = c.n_layers * (attn + mlp) + c.d_model * c.vocab_size
+    return 6.0 * matmul_params + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len

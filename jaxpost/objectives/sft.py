@@ -1,0 +1,43 @@
+"""Supervised fine-tuning: masked next-token NLL, normalised by the target tokens of the batch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from jaxpost import losses
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def loss_fn(params, batch, frozen, *, model):
+    """`(nll_sum, aux)` for one micro-batch; see `jaxpost.objectives` for the contract."""
+    del frozen
+    logits_BLV = model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    targets_BL, mask_BL = batch["targets"], batch["loss_mask"].astype(bool)
+    nll_sum, n_targets = losses.sft_loss_sum(logits_BLV, targets_BL, mask_BL)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL) & mask_BL
+    # A row is an exact match when greedy decoding would reproduce every target token.
+    has_targets_B = mask_BL.any(axis=-1)
+    exact_B = has_targets_B & ~jnp.any(mask_BL & ~correct_BL, axis=-1)
+    n_rows = jnp.sum(has_targets_B).astype(jnp.float32)
+    aux = {
+        "denominator": n_targets,
+        "metrics": {
+            "loss": (nll_sum, n_targets),
+            "accuracy": (jnp.sum(correct_BL).astype(jnp.float32), n_targets),
+            "exact_match": (jnp.sum(exact_B).astype(jnp.float32), n_rows),
+        },
+        "totals": {
+            "num_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+            "num_target_tokens": n_targets,
+        },
+    }
+    return nll_sum, aux
+
+
+def make_loss_fn(model):
+    return functools.partial(loss_fn, model=model)

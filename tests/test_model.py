@@ -1,0 +1,159 @@
+"""The decoder: causality, segment isolation, rotary convention, logical axes on every param."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost import model as model_lib
+from jaxpost import sharding
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = model_lib.preset("smoke")
+    model = model_lib.Decoder(cfg)
+    boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    return cfg, model, boxed, sharding.strip_boxes(boxed)
+
+
+def test_every_parameter_has_logical_axis_names(setup):
+    _, _, boxed, params = setup
+    specs = nn.get_partition_spec(boxed)
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat_params = jax.tree.leaves(params)
+    assert len(flat_specs) == len(flat_params)
+    for spec, p in zip(flat_specs, flat_params, strict=True):
+        assert len(spec) == p.ndim and all(name is not None for name in spec)
+
+
+def test_parameter_shapes_map_onto_hugging_face_llama(setup):
+    cfg, _, _, params = setup
+    n, D, H, K, Dh, F = (
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+    )
+    layers = params["layers"]
+    assert params["embedding"].shape == (cfg.vocab_size, D)
+    assert params["lm_head"].shape == (D, cfg.vocab_size)
+    assert layers["attn"]["q"]["kernel"].shape == (n, D, H, Dh)
+    assert layers["attn"]["k"]["kernel"].shape == (n, D, K, Dh)
+    assert layers["attn"]["o"]["kernel"].shape == (n, H, Dh, D)
+    assert layers["mlp"]["gate"]["kernel"].shape == (n, D, F)
+    assert layers["mlp"]["down"]["kernel"].shape == (n, F, D)
+    assert layers["attn_norm"]["scale"].shape == (n, D)
+
+
+def test_causality_through_gradients(setup):
+    """d logits[t] / d input-embedding[s] is exactly zero for s > t, and nonzero for s <= t."""
+    cfg, model, _, params = setup
+    L = 6
+    tokens = jnp.arange(1, L + 1)[None]
+    emb = params["embedding"]
+
+    def logits_at(t, delta):
+        # Perturb the embedding rows of the sequence's tokens through a per-position offset.
+        p = dict(params)
+        onehot = jax.nn.one_hot(tokens[0], cfg.vocab_size)  # [L, V]
+        p["embedding"] = emb + (onehot.T @ delta)  # each token id is distinct
+        return model.apply({"params": p}, tokens)[0, t].sum()
+
+    for t in range(L):
+        g = jax.grad(logits_at, argnums=1)(t, jnp.zeros((L, cfg.d_model)))
+        norms = np.linalg.norm(np.asarray(g), axis=-1)
+        assert (norms[t + 1 :] == 0).all(), (t, norms)
+        assert (norms[: t + 1] > 0).all(), (t, norms)
+
+
+def test_packed_segments_never_attend_across_documents(setup):
+    """Two documents packed in one row give the same logits as each alone."""
+    _, model, _, params = setup
+    a, b = jnp.array([5, 9, 13, 17]), jnp.array([3, 8, 21])
+    packed = jnp.concatenate([a, b])[None]
+    segments = jnp.array([[1, 1, 1, 1, 2, 2, 2]])
+    positions = jnp.array([[0, 1, 2, 3, 0, 1, 2]])
+    out = model.apply({"params": params}, packed, positions, segments)
+    alone_a = model.apply({"params": params}, a[None])
+    alone_b = model.apply({"params": params}, b[None])
+    np.testing.assert_allclose(out[0, :4], alone_a[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[0, 4:], alone_b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_embedding_matches_transformers_rotate_half():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 3, 2, 8)).astype(np.float32)
+    pos = np.array([[0, 4, 7]])
+    cos, sin = model_lib.rope_tables(jnp.asarray(pos), 8, 10000.0)
+    got = np.asarray(model_lib.apply_rope(jnp.asarray(x), cos, sin))
+    # transformers: inv_freq = 1/theta^(arange(0,d,2)/d); emb = cat(freqs, freqs);
+    # q*cos + rotate_half(q)*sin with rotate_half(x) = cat(-x2, x1).
+    inv = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    freqs = pos[..., None] * inv
+    emb = np.concatenate([freqs, freqs], -1)[:, :, None, :]
+    rot = np.concatenate([-x[..., 4:], x[..., :4]], -1)
+    np.testing.assert_allclose(got, x * np.cos(emb) + rot * np.sin(emb), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_does_not_change_values_or_gradients(setup, remat):
+    cfg, model, _, params = setup
+    remat_model = model_lib.Decoder(dataclasses.replace(cfg, remat=remat))
+    tokens = jnp.array([[1, 2, 3, 4, 5]])
+
+    def loss(m, p):
+        return m.apply({"params": p}, tokens).astype(jnp.float32).mean()
+
+    np.testing.assert_allclose(loss(remat_model, params), loss(model, params), rtol=1e-6)
+    g1, g2 = jax.grad(loss, 1)(model, params), jax.grad(loss, 1)(remat_model, params)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_tied_embeddings_and_qkv_bias_variants():
+    cfg = model_lib.preset("smoke", tie_embeddings=True, qkv_bias=True)
+    m = model_lib.Decoder(cfg)
+    params = sharding.strip_boxes(m.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+    params = params["params"]
+    assert "lm_head" not in params
+    assert params["layers"]["attn"]["q"]["bias"].shape == (cfg.n_layers, cfg.n_heads, cfg.head_dim)
+    hidden = m.apply({"params": params}, jnp.array([[1, 2]]), return_hidden=True)
+    logits = m.apply({"params": params}, jnp.array([[1, 2]]))
+    np.testing.assert_allclose(
+        logits, hidden @ model_lib.unembedding(params, cfg), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_invalid_config_is_reported():
+    with pytest.raises(ValueError, match="n_kv_heads=3 must divide n_heads=4"):
+        model_lib.preset("smoke", n_kv_heads=3)
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        model_lib.preset("nope")
+
+
+def test_bench_presets_match_the_issue():
+    t = model_lib.preset("bench-tiny")
+    assert (t.vocab_size, t.d_model, t.mlp_dim, t.n_layers, t.n_heads, t.n_kv_heads) == (
+        8192,
+        256,
+        688,
+        4,
+        4,
+        4,
+    )
+    s = model_lib.preset("bench-small")
+    assert (s.d_model, s.mlp_dim, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim) == (
+        512,
+        1408,
+        8,
+        8,
+        8,
+        64,
+    )
+    assert not s.tie_embeddings and s.rms_eps == 1e-6 and s.rope_theta == 10000.0
