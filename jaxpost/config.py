@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
         peak_flops_per_device=0.0,  # 0 = look up the device kind (CPU: measured at start)
         tensorboard=True,
     )
-    return ml_collections.ConfigDict(c)
+    c = ml_collections.ConfigDict(c)
+    c.lock()  # config files may change fields, not invent them
+    return c
 
 
 def _keys(c: Any, prefix: str = "") -> set[str]:
@@ -71,14 +73,28 @@ def _keys(c: Any, prefix: str = "") -> set[str]:
     return out
 
 
+def _suggest(key: str, known: set[str]) -> str:
+    """' (did you mean X?; SECTION has: ...)' for an unknown dotted key."""
+    section, _, _ = key.rpartition(".")
+    siblings = sorted(k for k in known if k.rpartition(".")[0] == section)
+    leaf = key.rpartition(".")[2]
+    initials = "".join(w[:1] for w in leaf.split("_"))  # learning_rate -> lr
+    close = [k for k in siblings if k.rpartition(".")[2] == initials]
+    close = close or difflib.get_close_matches(key, siblings or known, n=1, cutoff=0.3)
+    parts = [f"did you mean {close[0]!r}?"] if close else []
+    if siblings:
+        parts.append(
+            f"{section or 'the config'} has: " + ", ".join(k.rpartition(".")[2] for k in siblings)
+        )
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def check_config(config: ml_collections.ConfigDict, source: str = "config") -> None:
     """Raise ValueError naming every unknown or missing key (with close matches)."""
     have, want = _keys(config), _keys(base_config())
     problems = []
     for key in sorted(have - want):
-        close = difflib.get_close_matches(key, want, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"unknown key {key!r}{hint}")
+        problems.append(f"unknown key {key!r}{_suggest(key, want)}")
     for key in sorted(want - have):
         problems.append(f"missing key {key!r}")
     if problems:
@@ -137,9 +153,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if not sep:
             raise ValueError(f"--config.{item}: expected --config.KEY=VALUE")
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean --config.{close[0]}?" if close else ""
-            raise ValueError(f"--config.{key}: no such config key.{hint}")
+            raise ValueError(f"--config.{key}: no such config key{_suggest(key, known)}")
         *parents, leaf = key.split(".")
         node = config
         for p in parents:

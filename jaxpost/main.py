@@ -23,6 +23,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", required=True, help="path/to/config.py[:variant]")
     train.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host; auto-detected on Cloud TPU "
+        "and SLURM, or set --coordinator/--num_processes/--process_id)",
+    )
+    train.add_argument("--coordinator", default=None, help="host:port of process 0")
+    train.add_argument("--num_processes", type=int, default=None)
+    train.add_argument("--process_id", type=int, default=None)
+    train.add_argument(
+        "--init_timeout", type=int, default=300, help="seconds to wait for every process to join"
+    )
     return parser
 
 
@@ -47,6 +59,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            initialization_timeout=args.init_timeout,
+        )
+        if jax.process_index() != 0:  # one console voice; errors still print everywhere
+            logging.getLogger("jaxpost").setLevel(logging.WARNING)
     summary = train_lib.train(config, args.workdir)
     before, after = summary["eval_before"], summary["eval_after"]
     if after:

@@ -61,11 +61,12 @@ def peak_flops(configured_per_device: float = 0.0) -> tuple[float, str]:
         return configured_per_device * len(devices), "config.log.peak_flops_per_device"
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
-        return measure_matmul_flops(), "measured float32 matmul, all CPU devices at once"
+        n = jax.process_count()
+        return measure_matmul_flops() * n, f"measured float32 matmul, all CPU devices at once x {n}"
     for prefix, peak in sorted(_PEAKS.items(), key=lambda kv: -len(kv[0])):
         if kind.startswith(prefix):
             return peak * len(devices), f"{kind} bf16 data-sheet peak x {len(devices)}"
-    return measure_matmul_flops(4096), f"measured float32 matmul on {kind}"
+    return measure_matmul_flops(4096) * jax.process_count(), f"measured float32 matmul on {kind}"
 
 
 def _format_value(v: float) -> str:

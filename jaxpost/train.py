@@ -315,6 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     objective = objectives.make_objective(config.objective, model)
     tx = optim.make_optimizer(config.optim, num_steps)
     schedule = optim.make_schedule(config.optim, num_steps)
+    peak = metrics_lib.peak_flops(float(config.log.peak_flops_per_device))
     manager = ckpt.make_manager(
         workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save)
     )
@@ -354,6 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 model_config=model_config,
                 num_steps=num_steps,
                 layout=layout,
+                peak_and_source=peak,
             )
         finally:
             # Let a save already under way finish (even when stopping on an error), so the
@@ -393,12 +395,13 @@ def _loop(
     model_config,
     num_steps,
     layout,
+    peak_and_source,
 ):
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(
         workdir, tensorboard=bool(config.log.tensorboard), enabled=is_main
     )
-    peak, peak_source = metrics_lib.peak_flops(float(config.log.peak_flops_per_device))
+    peak, peak_source = peak_and_source
     flops_per_step = (
         model_lib.flops_per_token(model_config, int(config.data.seq_len))
         * layout.global_batch

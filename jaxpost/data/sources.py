@@ -90,4 +90,27 @@ def arithmetic(split: str) -> list[dict]:
     ]
 
 
-BUILTIN_TASKS = {"arithmetic": arithmetic}
+def reverse(split: str) -> list[dict]:
+    """Reverse a random lowercase word: 'Reverse: kqzt' -> 'tzqk'."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"builtin:reverse has splits 'train' and 'eval', not {split!r}")
+    rng = random.Random(1)
+    words, seen = [], set()
+    while len(words) < 4200:
+        w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    words = words[4000:] if split == "eval" else words[:4000]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Reverse: {w}"},
+                {"role": "assistant", "content": w[::-1]},
+            ]
+        }
+        for w in words
+    ]
+
+
+BUILTIN_TASKS = {"arithmetic": arithmetic, "reverse": reverse}

@@ -1,0 +1,141 @@
+"""Configs and the CLI: every config builds; bad input stops early with a clear message."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, smoke_config
+
+from jaxpost import config as config_lib
+from jaxpost import model as model_lib
+from jaxpost import train as train_lib
+from jaxpost.data.records import DataError
+from jaxpost.main import main
+
+CONFIG_FILES = sorted(glob.glob(str(REPO / "configs" / "*.py")))
+
+
+def test_there_are_config_files():
+    assert any(p.endswith("sft.py") for p in CONFIG_FILES)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_and_variant_builds(path):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "smoke" in module.VARIANTS
+    for variant in module.VARIANTS:
+        config = config_lib.load_config(path + (f":{variant}" if variant else ""))
+        model_lib.Config(**config.model)
+        assert config.train.num_steps > 0 and config.checkpoint.every_steps >= 0
+    with pytest.raises(ValueError):
+        module.get_config("no-such-variant")
+
+
+def test_unknown_override_key_suggests_the_right_one():
+    config = smoke_config()
+    with pytest.raises(
+        ValueError,
+        match=r"--config.optim.learning_rate: no such config key \(did you "
+        r"mean 'optim.lr'\?; optim has: b1, b2",
+    ):
+        config_lib.apply_overrides(config, ["optim.learning_rate=1e-3"])
+    with pytest.raises(ValueError, match="cannot parse as int"):
+        config_lib.apply_overrides(config, ["train.num_steps=ten"])
+    config_lib.apply_overrides(config, ["optim.lr=1", "log.tensorboard=false", "mesh.data=2"])
+    assert config.optim.lr == 1.0 and config.log.tensorboard is False and config.mesh.data == 2
+
+
+def test_unknown_key_in_a_config_file_is_rejected(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from jaxpost import config\n"
+        "def get_config(arg=None):\n"
+        "    c = config.base_config()\n"
+        "    with c.unlocked():\n"
+        "        c.optim.learning_rate = 1.0\n"
+        "    return c\n"
+    )
+    with pytest.raises(ValueError, match=r"unknown key 'optim.learning_rate' \(did you mean"):
+        config_lib.load_config(str(path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        config_lib.load_config(str(tmp_path / "missing.py"))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"mesh.data": 3}, ValueError, "does not divide the 8 available devices"),
+        ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, ValueError, "uses 4 of 8 devices"),
+        ({"train.global_batch": 12}, ValueError, "not divisible by the data-parallel size"),
+        ({"train.global_batch": 16, "train.accum_steps": 3}, ValueError, "not divisible by train"),
+        ({"mesh.data": 1, "mesh.tensor": 8, "model.n_heads": 4}, ValueError, "n_heads=4 is not "),
+        ({"data.train_path": "/nonexistent/*.jsonl"}, FileNotFoundError, "No data file matches"),
+        ({"model.vocab_size": 100}, ValueError, "smaller than the tokenizer"),
+        ({"objective.name": "ppo"}, ValueError, "objective.name='ppo'"),
+    ],
+)
+def test_bad_input_stops_before_compiling_and_writes_nothing(tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        train_lib.train(smoke_config(**overrides), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=rf"{data}:2: malformed JSON"):
+        train_lib.train(smoke_config(**{"data.train_path": str(data)}), str(tmp_path / "run"))
+
+
+def test_cli_writes_config_metrics_and_tensorboard_then_refuses_a_different_model(tmp_path):
+    workdir = tmp_path / "run"
+    args = [
+        "train",
+        f"--config={REPO}/configs/sft.py:smoke",
+        f"--workdir={workdir}",
+        "--config.train.num_steps=4",
+        "--config.log.every_steps=2",
+        "--config.data.max_eval_examples=16",
+    ]
+    summary = main(args)
+    assert summary["final_step"] == 4
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 4
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    for key in ("loss", "grad_norm", "learning_rate", "num_tokens", "tokens_per_sec", "mfu"):
+        assert key in train_rows[-1]
+    assert any("eval/loss" in r for r in rows)
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="holds checkpoints of a different model"):
+        main(args + ["--config.model.n_layers=3"])
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert json.loads((workdir / "config.json").read_text()) == saved
+
+
+def test_console_command_prints_one_line_errors(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxpost.main",
+            "train",
+            f"--config={REPO}/configs/sft.py:smoke",
+            f"--workdir={tmp_path}",
+            "--config.optim.lrr=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "jaxpost: error: --config.optim.lrr: no such config key" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,154 @@
+"""SFT data: TRL record formats, loss masks, fixed shapes, process sharding, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxpost.data import pipeline, records, sources
+from jaxpost.data.tokenizer import ASSISTANT, BOS, END, EOS, USER, ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def _targets(ids, mask):
+    return TOK.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special=False)
+
+
+def test_conversation_trains_on_assistant_turns_only():
+    record = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+    ids, mask = records.tokenize_sft(record, TOK, "x:1")
+    assert ids[0] == BOS and ids[-1] == EOS
+    assert ids.count(USER) == 2 and ids.count(ASSISTANT) == 2 and ids.count(END) == 5
+    assert _targets(ids, mask) == "yo<|end|>ok<|end|><eos>"
+    assert TOK.decode(ids) == "Shiyoagainok"
+
+
+def test_prompt_completion_strings_and_conversations():
+    ids, mask = records.tokenize_sft({"prompt": "2+2=", "completion": "4"}, TOK, "x:1")
+    assert ids == [BOS, *TOK.encode("2+2=4"), EOS]
+    assert _targets(ids, mask) == "4<eos>"
+    conv = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "completion": [{"role": "assistant", "content": "a"}],
+    }
+    ids, mask = records.tokenize_sft(conv, TOK, "x:1")
+    assert _targets(ids, mask) == "a<|end|><eos>"
+
+
+def test_language_modeling_text_trains_on_everything_after_bos():
+    ids, mask = records.tokenize_sft({"text": "abc", "id": 7}, TOK, "x:1")
+    assert mask == [0, 1, 1, 1, 1]
+
+
+def test_rows_are_shifted_and_padded_to_a_fixed_length():
+    ex = pipeline.Example(
+        np.array([1, 10, 11, 12, 2], np.int32), np.array([0, 0, 1, 1, 1], np.int32)
+    )
+    row = pipeline.to_row(ex, 8)
+    assert row["inputs"].tolist() == [1, 10, 11, 12, 0, 0, 0, 0]
+    assert row["targets"].tolist() == [10, 11, 12, 2, 0, 0, 0, 0]
+    assert row["loss_mask"].tolist() == [0, 1, 1, 1, 0, 0, 0, 0]
+    assert row["segment_ids"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert row["positions"].tolist() == [0, 1, 2, 3, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}', "malformed JSON"),
+        ('{"prompt": "p"}', "missing field 'completion'"),
+        ('{"prompt": "p", "completion": ""}', "empty completion"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "no tokens to train on"),
+        ('{"messages": [{"role": "assistant", "content": ""}]}', "empty content"),
+        ('{"txt": "typo"}', "matches no SFT format"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_records_are_reported_with_file_and_line(tmp_path, line, problem):
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"text": "fine"})
+    path.write_text(f"{good}\n\n{line}\n")
+    with pytest.raises(records.DataError) as e:
+        pipeline.load_sft_examples(str(path), "train", TOK, seq_len=64)
+    assert str(e.value).startswith(f"{path}:3: ") and problem in str(e.value)
+
+
+def test_invalid_utf8_is_reported(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(records.DataError, match=r"bad.jsonl:2: invalid UTF-8"):
+        pipeline.load_sft_examples(str(path), "train", TOK, seq_len=64)
+
+
+def test_missing_file_and_unknown_builtin(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No data file matches"):
+        list(sources.read_records(str(tmp_path / "nope*.jsonl"), "train"))
+    with pytest.raises(ValueError, match="known: builtin:arithmetic"):
+        list(sources.read_records("builtin:nope", "train"))
+
+
+def test_truncation_and_dropping_are_counted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "x" * n}) for n in (3, 20, 5)) + "\n")
+    ex, stats = pipeline.load_sft_examples(str(path), "train", TOK, seq_len=8)
+    assert (stats.records, stats.truncated, len(ex)) == (3, 1, 3)
+    assert max(len(e.ids) for e in ex) == 9
+    ex, stats = pipeline.load_sft_examples(str(path), "train", TOK, seq_len=8, truncation="drop")
+    assert (stats.dropped, len(ex)) == (1, 2)
+    with pytest.raises(ValueError, match="no usable examples"):
+        pipeline.load_sft_examples(str(path), "train", TOK, seq_len=2, truncation="drop")
+
+
+def test_glob_reads_several_files_in_order(tmp_path):
+    for i in range(2):
+        (tmp_path / f"part{i}.jsonl").write_text(json.dumps({"text": f"file{i}"}) + "\n")
+    ex, stats = pipeline.load_sft_examples(str(tmp_path / "part*.jsonl"), "train", TOK, seq_len=16)
+    assert stats.records == 2 and TOK.decode(ex[1].ids) == "file1"
+
+
+def test_processes_read_disjoint_shares_and_batches_have_fixed_shapes():
+    examples = [
+        pipeline.Example(np.array([1, 8 + i, 2], np.int32), np.array([0, 1, 1], np.int32))
+        for i in range(40)
+    ]
+    seen = []
+    for p in range(2):
+        it = pipeline.make_train_iterator(
+            examples,
+            seq_len=6,
+            micro_batch=5,
+            accum_steps=2,
+            seed=0,
+            process_index=p,
+            process_count=2,
+        )
+        batches = [next(it), next(it)]  # 2 batches x 10 rows = this process's 20 examples
+        assert all(v.shape == (2, 5, 6) and v.dtype == np.int32 for v in batches[0].values())
+        seen.append([int(x) for b in batches for x in b["inputs"][:, :, 1].ravel()])
+    assert all(len(set(s)) == 20 for s in seen)  # no repeats within an epoch
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == 40
+
+
+def test_eval_batches_cover_every_example_once():
+    examples = [pipeline.Example(np.array([1, 9, 2], np.int32), np.array([0, 1, 1], np.int32))] * 7
+    batches = pipeline.make_eval_batches(examples, seq_len=4, micro_batch=4)
+    assert len(batches) == 2 and batches[0]["inputs"].shape == (1, 4, 4)
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == 7 * 2
+
+
+def test_builtin_eval_split_is_held_out():
+    for task in ("arithmetic", "reverse"):
+        train = {json.dumps(r) for r in sources.BUILTIN_TASKS[task]("train")}
+        held = [json.dumps(r) for r in sources.BUILTIN_TASKS[task]("eval")]
+        assert held and not train & set(held)
