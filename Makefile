@@ -7,14 +7,14 @@ WORKDIR ?= runs/demo
 $(BIN)/jaxpost: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,demo]'
 	touch $@
 
 .PHONY: install demo test lint
 install: $(BIN)/jaxpost
 
 demo: install
-	$(BIN)/jaxpost train --config=configs/sft.py --workdir=$(WORKDIR)
+	$(BIN)/jaxpost demo --workdir=$(WORKDIR)
 
 lint: install
 	$(BIN)/ruff check jaxpost configs tests tools

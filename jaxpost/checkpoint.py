@@ -16,11 +16,14 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_dir(workdir: str) -> str:
+    if "://" in workdir:  # gs://... on Cloud TPU
+        return workdir.rstrip("/") + "/" + CHECKPOINT_DIR
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
@@ -89,29 +92,26 @@ def load_params(workdir: str, step: int | None = None) -> Any:
     `jax.device_put(params, shardings)` as your program needs.
     """
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).exists():
         raise FileNotFoundError(f"No checkpoints in {workdir!r}: {directory} does not exist.")
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={"params": ocp.PyTreeCheckpointHandler()},
+    # Orbax renames a step directory to its number only once it is complete.
+    root = epath.Path(directory)
+    steps = sorted(
+        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").exists()
     )
-    steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
     if step is None:
-        step = max(steps)
+        step = steps[-1]
     elif step not in steps:
-        raise FileNotFoundError(f"{directory} has no step {step}; available steps: {sorted(steps)}")
-    metadata = manager.item_metadata(step)["params"]
-    target = jax.tree.map(
+        raise FileNotFoundError(f"{directory} has no step {step}; available steps: {steps}")
+    path = root / str(step) / "params"
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path)
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+    restore_args = jax.tree.map(
         lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
-        metadata,
+        tree,
         is_leaf=lambda m: hasattr(m, "shape"),
     )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=target)),
-    )
-    manager.close()
-    return restored["params"]
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))

@@ -33,8 +33,27 @@ def base_config() -> ml_collections.ConfigDict:
         truncation="keep_start",  # keep_start | keep_end | drop (for too-long examples)
         max_eval_examples=0,  # 0 = the whole eval split
         num_workers=0,  # grain worker processes; 0 = in the main process
+        skip_invalid=False,  # skip (and count) invalid records instead of stopping
     )
-    c.objective = dict(name="sft")
+    c.objective = dict(
+        name="sft",  # sft | rm | dpo
+        # dpo: TRL DPOTrainer's names and meanings (jaxpost.losses.dpo_loss)
+        loss_type="sigmoid",  # one name, or several comma-separated (e.g. "sigmoid,sft")
+        loss_weights="",  # comma-separated, one per loss type; '' = all 1.0
+        beta=0.1,
+        label_smoothing=0.0,
+        f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5,
+        discopop_tau=0.05,
+        reference="precomputed",  # precomputed | frozen
+        reference_cache_dir="",  # '' = WORKDIR/reference_logps; share it across a sweep
+        # rm
+        center_rewards_coefficient=0.0,
+    )
+    c.init = dict(
+        workdir="",  # start from the params of this run's checkpoint (e.g. an SFT workdir)
+        step=-1,  # -1 = its latest checkpoint
+    )
     c.optim = dict(
         lr=1e-3,
         warmup_steps=10,

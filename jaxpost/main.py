@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--init_timeout", type=int, default=300, help="seconds to wait for every process to join"
     )
+    demo = sub.add_parser("demo", help="the built-in SFT -> RM -> DPO demo")
+    demo.add_argument("--workdir", default="runs/demo", help="where the three runs go")
     return parser
 
 
@@ -54,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     # Imports after parsing, so `jaxpost --help` is instant.
+    if args.command == "demo":
+        if overrides:
+            raise ValueError("jaxpost demo takes no --config overrides")
+        from jaxpost import demo
+
+        return demo.run(args.workdir)
     from jaxpost import config as config_lib
     from jaxpost import train as train_lib
 
@@ -81,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _before_after(before: dict, after: dict, start: int, end: int) -> str:
     parts = []
+    shown = ("loss", "accuracy", "exact_match", "margin", "rewards/accuracies", "rewards/margins")
     for k, v in after.items():
-        if k.startswith("num_"):
+        if k not in shown:
             continue
         if k in before:
             parts.append(f"eval {k} {before[k]:.4g} (step {start}) -> {v:.4g} (step {end})")
@@ -95,6 +104,7 @@ def run() -> None:
     """Console entry point: user errors print one clear line, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     from jaxpost.data.records import DataError
     from jaxpost.train import NonFiniteLossError
 

@@ -336,3 +336,32 @@ def flops_per_token(config: Config, seq_len: int) -> float:
     mlp = 3 * c.d_model * c.mlp_dim
     matmul_params = c.n_layers * (attn + mlp) + c.d_model * c.vocab_size
     return 6.0 * matmul_params + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+class RewardModel(nn.Module):
+    """The decoder backbone plus a scalar head: one reward per token `[B, L]`.
+
+    Params: `{"decoder": <Decoder params without lm_head>, "score": [D]}`; the reward of a
+    sequence is read at its last real token (see `last_token_values`). `score` maps onto
+    transformers' `LlamaForSequenceClassification.score.weight` (`[1, D]`).
+    """
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
+        cfg = self.config
+        hidden_BLD = Decoder(cfg, name="decoder")(
+            tokens_BL, positions_BL, segment_ids_BL, return_hidden=True
+        )
+        score_D = _param(self, "score", (cfg.d_model,), ("embed",), _init(cfg.init_std))
+        return jnp.einsum("bld,d->bl", hidden_BLD, score_D).astype(jnp.float32)
+
+
+def last_token_values(values_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    """`values[b, t_b]` where `t_b` is the last non-padding position of row b (0 if none)."""
+    real_BL = segment_ids_BL > 0
+    L = real_BL.shape[-1]
+    last_B = jnp.maximum(L - 1 - jnp.argmax(real_BL[:, ::-1], axis=-1), 0)
+    last_B = jnp.where(real_BL.any(-1), last_B, 0)
+    return jnp.take_along_axis(values_BL, last_B[:, None], axis=-1)[:, 0]

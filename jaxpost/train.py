@@ -82,56 +82,95 @@ def abstract_state(state_shardings, model, tx, *, seq_len: int):
     )
 
 
-def _zeros_like_sums(objective, params, micro_batch, frozen):
-    _, aux = jax.eval_shape(objective.loss_fn, params, micro_batch, frozen)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux)
+def _combine(a, b, kind):
+    if kind == "minima":
+        return jnp.minimum(a, b)
+    if kind == "maxima":
+        return jnp.maximum(a, b)
+    return a + b
+
+
+def _combine_aux(acc, aux):
+    return {
+        kind: jax.tree.map(
+            lambda a, b, k=kind: _combine(a, b.astype(jnp.float32), k), acc[kind], aux[kind]
+        )
+        for kind in acc
+    }
+
+
+def _aux_init(objective, params, micro_batch, frozen):
+    """Zeros (inf / -inf for minima / maxima) shaped like the objective's aux and terms."""
+    terms, aux = jax.eval_shape(objective.loss_fn, params, micro_batch, frozen)
+    fill = {"minima": jnp.inf, "maxima": -jnp.inf}
+    aux0 = {
+        kind: jax.tree.map(
+            lambda s, k=kind: jnp.full(s.shape, fill.get(k, 0.0), jnp.float32), aux[kind]
+        )
+        for kind in aux
+    }
+    return {k: jnp.float32(0.0) for k in terms}, aux0
 
 
 def _accumulate(objective, params, batch_A, frozen, *, with_grads: bool):
-    """Sum loss, aux and (optionally) gradients over the leading micro-batch axis."""
-    first = jax.tree.map(lambda x: x[0], batch_A)
-    sums0 = _zeros_like_sums(objective, params, first, frozen)
-    grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+    """Run every micro-batch (leading axis of `batch_A`) and combine.
+
+    Returns `(loss, term_sums, denominators, aux, grads)`; `loss` and `grads` are already
+    normalised by the denominators of the whole accumulated batch.
+    """
+    denoms = {k: jnp.asarray(v, jnp.float32) for k, v in objective.denominators(batch_A).items()}
+    safe = {k: jnp.maximum(v, 1.0) for k, v in denoms.items()}
+
+    def scalar_loss(p, micro_batch):
+        terms, aux = objective.loss_fn(p, micro_batch, frozen)
+        loss = sum(terms[k].astype(jnp.float32) / safe[k] for k in terms)
+        return loss, (terms, aux)
+
+    grad_fn = jax.value_and_grad(scalar_loss, has_aux=True)
 
     def body(carry, micro_batch):
-        loss_acc, sums, grads = carry
+        loss_acc, term_acc, aux_acc, grads = carry
         if with_grads:
-            (loss_sum, aux), g = grad_fn(params, micro_batch, frozen)
+            (loss, (terms, aux)), g = grad_fn(params, micro_batch)
             grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
         else:
-            loss_sum, aux = objective.loss_fn(params, micro_batch, frozen)
-        sums = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), sums, aux)
-        return (loss_acc + loss_sum.astype(jnp.float32), sums, grads), None
+            loss, (terms, aux) = scalar_loss(params, micro_batch)
+        term_acc = {k: term_acc[k] + terms[k].astype(jnp.float32) for k in term_acc}
+        return (loss_acc + loss, term_acc, _combine_aux(aux_acc, aux), grads), None
 
+    first = jax.tree.map(lambda x: x[0], batch_A)
+    terms0, aux0 = _aux_init(objective, params, first, frozen)
     grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params) if with_grads else None
-    (loss_sum, sums, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), sums0, grads0), batch_A)
-    return loss_sum, sums, grads
+    carry0 = (jnp.float32(0.0), terms0, aux0, grads0)
+    (loss, term_sums, aux, grads), _ = jax.lax.scan(body, carry0, batch_A)
+    return loss, term_sums, denoms, aux, grads
 
 
-def _report(loss_sum, sums) -> dict[str, jax.Array]:
-    denominator = jnp.maximum(sums["denominator"], 1.0)
-    out = {"loss": loss_sum / denominator}
-    for name, (total, count) in sums["metrics"].items():
+def _report(aux) -> dict[str, jax.Array]:
+    out = {}
+    for name, (total, count) in aux["metrics"].items():
         out[name] = total / jnp.maximum(count, 1.0)
-    out.update(sums["totals"])
+    for kind in ("totals", "minima", "maxima"):
+        out.update(aux.get(kind, {}))
     return out
 
 
 def make_train_step(objective, tx, schedule, *, state_shardings, mesh, frozen_shardings=None):
     """`step(state, batch, frozen) -> (state, metrics)`, jitted over `mesh`.
 
-    `batch` leaves are `[accum_steps, global_micro_batch, ...]`. Gradients of every micro-batch
-    are summed and divided by the summed denominator (e.g. target tokens) of the whole batch, so
-    accumulation over A micro-batches equals one step on the concatenated batch.
+    `batch` leaves are `[accum_steps, global_micro_batch, ...]`. Each loss term is divided by its
+    denominator over the whole accumulated batch (e.g. all target tokens), so accumulation over A
+    micro-batches equals one step on the concatenated batch.
     """
 
     def step(state: TrainState, batch, frozen):
-        loss_sum, sums, grads = _accumulate(objective, state.params, batch, frozen, with_grads=True)
-        denominator = jnp.maximum(sums["denominator"], 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
+        loss, _, _, aux, grads = _accumulate(
+            objective, state.params, batch, frozen, with_grads=True
+        )
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = _report(loss_sum, sums)
+        metrics = {"loss": loss, **_report(aux)}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(
@@ -152,11 +191,13 @@ def make_train_step(objective, tx, schedule, *, state_shardings, mesh, frozen_sh
 
 
 def make_eval_step(objective, *, params_shardings, mesh, frozen_shardings=None):
-    """`eval_step(params, batch, frozen) -> (loss_sum, sums)` (unnormalised, summed on host)."""
+    """`eval_step(params, batch, frozen) -> (term_sums, denominators, aux)`, combined on host."""
 
     def eval_step(params, batch, frozen):
-        loss_sum, sums, _ = _accumulate(objective, params, batch, frozen, with_grads=False)
-        return loss_sum, sums
+        _, term_sums, denoms, aux, _ = _accumulate(
+            objective, params, batch, frozen, with_grads=False
+        )
+        return term_sums, denoms, aux
 
     return jax.jit(
         eval_step,
@@ -167,13 +208,35 @@ def make_eval_step(objective, *, params_shardings, mesh, frozen_shardings=None):
 
 def evaluate(eval_step, params, batches, frozen, mesh) -> dict[str, float]:
     """Metrics over a whole eval split (sums combined on host in float64)."""
-    total_loss, total = 0.0, None
+    total = None
     for batch in batches:
-        loss_sum, sums = jax.device_get(eval_step(params, to_global(batch, mesh), frozen))
-        total_loss += float(loss_sum)
-        sums = jax.tree.map(np.float64, sums)
-        total = sums if total is None else jax.tree.map(np.add, total, sums)
-    return {k: float(v) for k, v in _report(total_loss, total).items()}
+        result = jax.device_get(eval_step(params, to_global(batch, mesh), frozen))
+        result = jax.tree.map(np.float64, result)
+        if total is None:
+            total = result
+            continue
+        terms, denoms, aux = result
+        total = (
+            {k: total[0][k] + terms[k] for k in terms},
+            {k: total[1][k] + denoms[k] for k in denoms},
+            {
+                kind: jax.tree.map(
+                    lambda a, b, k=kind: _combine_np(a, b, k), total[2][kind], aux[kind]
+                )
+                for kind in aux
+            },
+        )
+    terms, denoms, aux = total
+    loss = sum(terms[k] / max(denoms[k], 1.0) for k in terms)
+    return {"loss": float(loss), **{k: float(v) for k, v in _report(aux).items()}}
+
+
+def _combine_np(a, b, kind):
+    if kind == "minima":
+        return np.minimum(a, b)
+    if kind == "maxima":
+        return np.maximum(a, b)
+    return a + b
 
 
 def to_global(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -252,95 +315,197 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def _load_data(config, objective, tokenizer, layout):
+    """Every record read, validated and tokenised now, so bad data stops the run here."""
+    seq_len = int(config.data.seq_len)
+    common = dict(
+        kind=objective.data_kind,
+        seq_len=seq_len,
+        truncation=config.data.truncation,
+        skip_invalid=bool(config.data.skip_invalid),
+    )
+    train_examples, train_stats = pipeline.load_examples(
+        config.data.train_path, "train", tokenizer, **common
+    )
+    log.info("train data %s: %s", config.data.train_path, train_stats.summary())
+    eval_examples, eval_stats = [], None
+    if config.data.eval_path:
+        eval_examples, eval_stats = pipeline.load_examples(
+            config.data.eval_path,
+            "eval",
+            tokenizer,
+            max_examples=int(config.data.max_eval_examples),
+            **common,
+        )
+        log.info("eval data %s: %s", config.data.eval_path, eval_stats.summary())
+    return train_examples, eval_examples, train_stats, eval_stats
+
+
+def _check_init_workdir(config) -> None:
+    src = config.init.workdir
+    if not src:
+        return
+    path = os.path.join(src, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"config.init.workdir={src!r} holds no config.json: it is not a jaxpost workdir."
+        )
+    if not os.path.isdir(ckpt.checkpoint_dir(src)):
+        raise FileNotFoundError(f"config.init.workdir={src!r} holds no checkpoints.")
+    with open(path) as f:
+        saved = json.load(f).get("model", {})
+    diff = sorted(k for k in set(saved) | set(config.model) if saved.get(k) != config.model.get(k))
+    # Compute/memory settings may differ; the architecture may not.
+    diff = [k for k in diff if k not in ("dtype", "remat")]
+    if diff:
+        detail = ", ".join(
+            f"model.{k}: {saved.get(k)!r} there, {config.model.get(k)!r} here" for k in diff
+        )
+        raise ValueError(
+            f"config.init.workdir={src!r} holds a different architecture ({detail}); set the "
+            "model config to match the checkpoint."
+        )
+
+
+def _initial_params(config, objective, params_shardings):
+    """Params from `config.init.workdir` (e.g. an SFT run) laid out for this objective's model."""
+    step = int(config.init.step)
+    loaded = ckpt.load_params(config.init.workdir, None if step < 0 else step)
+    target = sharding.strip_boxes(params_shardings)
+    if objective.name == "rm":  # the decoder backbone; the scalar head starts fresh
+        loaded = {k: v for k, v in loaded.items() if k != "lm_head"}
+        return {"decoder": loaded}
+    want = jax.tree_util.tree_structure(target)
+    if jax.tree_util.tree_structure(loaded) != want:
+        raise ValueError(
+            f"config.init.workdir={config.init.workdir!r}: its parameters do not fit this model "
+            f"(tree {jax.tree_util.tree_structure(loaded)} vs {want})."
+        )
+    return loaded
+
+
+def _place(params_np, params_shardings, current):
+    """Overwrite (parts of) `current` params with host arrays, in their shardings."""
+    flat_cur = dict(jax.tree_util.tree_flatten_with_path(current)[0])
+    flat_sh = dict(jax.tree_util.tree_flatten_with_path(params_shardings)[0])
+    updates = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(params_np)[0]:
+        if path not in flat_cur:
+            raise ValueError(
+                f"init checkpoint has parameter {jax.tree_util.keystr(path)} that this model lacks"
+            )
+        if tuple(value.shape) != tuple(flat_cur[path].shape):
+            raise ValueError(
+                f"init checkpoint parameter {jax.tree_util.keystr(path)} has shape "
+                f"{value.shape}, the model expects {flat_cur[path].shape}"
+            )
+        updates[path] = jax.device_put(value.astype(flat_cur[path].dtype), flat_sh[path])
+    leaves = [updates.get(p, v) for p, v in jax.tree_util.tree_flatten_with_path(current)[0]]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(current), leaves)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with eval metrics before and after."""
-    # Checks: config, mesh, batch layout, model, workdir -- all before reading data or compiling.
+    # Checks: config, mesh, batch layout, model, workdirs -- before reading data or compiling.
     config_lib.check_config(config)
     model_config = model_lib.Config(**config.model)
+    objective = objectives.make_objective(config.objective, model_config)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_model_fits_mesh(model_config, mesh)
     layout = batch_layout(config, mesh)
     num_steps = int(config.train.num_steps)
     seq_len = int(config.data.seq_len)
+    _check_init_workdir(config)
     os.makedirs(workdir, exist_ok=True)
     _check_workdir(workdir, config)
-
-    # Data: every record validated and tokenised now, so bad data stops the run here.
     tokenizer = pipeline.make_tokenizer(config.data)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size})."
         )
-    train_examples, train_stats = pipeline.load_sft_examples(
-        config.data.train_path,
-        "train",
-        tokenizer,
-        seq_len=seq_len,
-        truncation=config.data.truncation,
-    )
-    log.info("train data %s: %s", config.data.train_path, train_stats.summary())
-    eval_batches = []
-    if config.data.eval_path:
-        eval_examples, eval_stats = pipeline.load_sft_examples(
-            config.data.eval_path,
-            "eval",
-            tokenizer,
-            seq_len=seq_len,
-            truncation=config.data.truncation,
-            max_examples=config.data.max_eval_examples,
-        )
-        log.info("eval data %s: %s", config.data.eval_path, eval_stats.summary())
-        eval_batches = pipeline.make_eval_batches(
-            eval_examples,
-            seq_len=seq_len,
-            micro_batch=int(config.eval.batch_size) // jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-    data_iter = pipeline.make_train_iterator(
-        train_examples,
-        seq_len=seq_len,
-        micro_batch=layout.local_micro_batch,
-        accum_steps=layout.accum_steps,
-        seed=int(config.seed),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        num_workers=int(config.data.num_workers),
+
+    # Data.
+    train_examples, eval_examples, train_stats, eval_stats = _load_data(
+        config, objective, tokenizer, layout
     )
     _write_config(workdir, config)
 
-    # Model, objective, optimizer, state (born sharded), checkpoint restore.
-    model = model_lib.Decoder(model_config)
-    objective = objectives.make_objective(config.objective, model)
+    # Model, optimizer, state (born sharded), initial params, reference, checkpoint restore.
+    model = objective.model
     tx = optim.make_optimizer(config.optim, num_steps)
     schedule = optim.make_schedule(config.optim, num_steps)
     peak = metrics_lib.peak_flops(float(config.log.peak_flops_per_device))
     manager = ckpt.make_manager(
         workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save)
     )
+    eval_micro = int(config.eval.batch_size) // jax.process_count()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        state, state_shardings = create_state(
+            model, tx, mesh, seed=int(config.seed), seq_len=seq_len
+        )
+        if config.init.workdir:
+            state = state.replace(
+                params=_place(
+                    _initial_params(config, objective, state_shardings.params),
+                    state_shardings.params,
+                    state.params,
+                )
+            )
+            log.info("initial parameters from %s", config.init.workdir)
+        frozen, frozen_shardings = None, None
+        if objective.reference == "frozen":
+            # A copy of the initial policy: same sharding, no optimizer state, no gradients.
+            frozen = jax.jit(
+                lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_shardings.params
+            )(state.params)
+            frozen_shardings = state_shardings.params
+        elif objective.reference == "precomputed":
+            train_examples, eval_examples = _precompute_reference(
+                config, objective, state.params, train_examples, eval_examples, mesh, workdir
+            )
         if manager.latest_step() is not None:
-            _, state_shardings = _shardings_only(model, tx, mesh, seq_len)
             target = abstract_state(state_shardings, model, tx, seq_len=seq_len)
+            del state
+            data_iter = _train_iterator(config, train_examples, layout)
             state, data_iter = ckpt.restore(manager, target, data_iter)
             log.info("resumed from %s at step %d", ckpt.checkpoint_dir(workdir), int(state.step))
         else:
-            state, state_shardings = create_state(
-                model, tx, mesh, seed=int(config.seed), seq_len=seq_len
+            data_iter = _train_iterator(config, train_examples, layout)
+        eval_batches = (
+            pipeline.make_eval_batches(
+                eval_examples,
+                seq_len=seq_len,
+                micro_batch=eval_micro,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
             )
+            if eval_examples
+            else []
+        )
         n_params = model_lib.count_params(state.params)
         log.info(
-            "model: %s parameters; mesh %s over %d devices (%s)",
+            "%s: %s parameters; mesh %s over %d devices (%s)",
+            objective.name,
             f"{n_params:,}",
             dict(mesh.shape),
             mesh.size,
             jax.devices()[0].device_kind,
         )
         train_step = make_train_step(
-            objective, tx, schedule, state_shardings=state_shardings, mesh=mesh
+            objective,
+            tx,
+            schedule,
+            state_shardings=state_shardings,
+            mesh=mesh,
+            frozen_shardings=frozen_shardings,
         )
-        eval_step = make_eval_step(objective, params_shardings=state_shardings.params, mesh=mesh)
+        eval_step = make_eval_step(
+            objective,
+            params_shardings=state_shardings.params,
+            mesh=mesh,
+            frozen_shardings=frozen_shardings,
+        )
         try:
             summary = _loop(
                 config,
@@ -351,6 +516,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 eval_step,
                 eval_batches,
                 manager,
+                frozen=frozen,
                 mesh=mesh,
                 model_config=model_config,
                 num_steps=num_steps,
@@ -363,13 +529,64 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             manager.wait_until_finished()
             manager.close()
     summary["train_data"] = dataclasses.asdict(train_stats)
+    if eval_stats is not None:
+        summary["eval_data"] = dataclasses.asdict(eval_stats)
+    if train_stats.skipped:
+        log.info("skipped invalid training records: %s", train_stats.summary())
     return summary
 
 
-def _shardings_only(model, tx, mesh, seq_len):
-    init = functools.partial(_init_state, model=model, tx=tx, seq_len=seq_len)
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    return boxed, sharding.logical_shardings(boxed, mesh)
+def _train_iterator(config, examples, layout):
+    return pipeline.make_train_iterator(
+        examples,
+        seq_len=int(config.data.seq_len),
+        micro_batch=layout.local_micro_batch,
+        accum_steps=layout.accum_steps,
+        seed=int(config.seed),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=int(config.data.num_workers),
+    )
+
+
+def _precompute_reference(config, objective, params, train_examples, eval_examples, mesh, workdir):
+    """Attach reference log-probs (cached by content hash) to every pair; see reference.py."""
+    from jaxpost import reference
+    from jaxpost.objectives import dpo
+
+    cache_dir = config.objective.reference_cache_dir or os.path.join(workdir, "reference_logps")
+    seq_len = int(config.data.seq_len)
+
+    def logps_fn(p, batch):  # [1, B, 2, L] -> [1, B, 2]
+        micro = jax.tree.map(lambda x: x[0], batch)
+        return dpo.pair_logps(p, micro, model=objective.model)[0][None]
+
+    out = []
+    for name, examples in (("train", train_examples), ("eval", eval_examples)):
+        if not examples:
+            out.append(examples)
+            continue
+        key = reference.cache_key(
+            params,
+            examples,
+            seq_len=seq_len,
+            extra=json.dumps(config.model.to_dict(), sort_keys=True),
+        )
+        logps = reference.load_or_compute(
+            cache_dir,
+            key,
+            what=name,
+            compute_fn=lambda ex=examples: reference.compute(
+                logps_fn,
+                params,
+                ex,
+                seq_len=seq_len,
+                batch_size=int(config.eval.batch_size),
+                mesh=mesh,
+            ),
+        )
+        out.append(reference.attach(examples, logps))
+    return out[0], out[1]
 
 
 def _check_finite(step: int, scalars: Mapping[str, float], workdir: str) -> None:
@@ -391,6 +608,7 @@ def _loop(
     eval_batches,
     manager,
     *,
+    frozen,
     mesh,
     model_config,
     num_steps,
@@ -414,7 +632,7 @@ def _loop(
     def run_eval(step):
         if not eval_batches:
             return {}
-        result = evaluate(eval_step, state.params, eval_batches, None, mesh)
+        result = evaluate(eval_step, state.params, eval_batches, frozen, mesh)
         scalars = {f"eval/{k}": v for k, v in result.items()}
         writer.write(step, scalars)
         log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
@@ -457,7 +675,7 @@ def _loop(
 
     for step in range(start + 1, num_steps + 1):
         batch = to_global(next(data_iter), mesh)
-        state, device_metrics = train_step(state, batch, None)
+        state, device_metrics = train_step(state, batch, frozen)
         if pending is not None:
             drain(pending)  # step N-1's metrics, fetched while step N runs
         pending = (step, device_metrics)
@@ -481,3 +699,43 @@ def _loop(
     summary.update(final_step=num_steps, last_train_metrics=last)
     summary["seconds"] = time.perf_counter() - t_start
     return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, params_workdir: str) -> dict[str, float]:
+    """Evaluate the latest params of `params_workdir` with `config`'s objective on its eval split.
+
+    E.g. the task accuracy of a DPO policy measured with the SFT config's eval data.
+    """
+    config_lib.check_config(config)
+    model_config = model_lib.Config(**config.model)
+    objective = objectives.make_objective(config.objective, model_config)
+    if objective.reference != "none":
+        raise ValueError("evaluate_checkpoint supports objectives without a reference model")
+    mesh = sharding.make_mesh(config.mesh)
+    tokenizer = pipeline.make_tokenizer(config.data)
+    examples, _ = pipeline.load_examples(
+        config.data.eval_path,
+        "eval",
+        tokenizer,
+        kind=objective.data_kind,
+        seq_len=int(config.data.seq_len),
+        truncation=config.data.truncation,
+        max_examples=int(config.data.max_eval_examples),
+    )
+    batches = pipeline.make_eval_batches(
+        examples,
+        seq_len=int(config.data.seq_len),
+        micro_batch=int(config.eval.batch_size) // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        boxed = jax.eval_shape(
+            lambda r: objective.model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+            jax.random.PRNGKey(0),
+        )
+        shardings = sharding.logical_shardings(boxed, mesh)
+        loaded = ckpt.load_params(params_workdir)
+        params = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, shardings)
+        eval_step = make_eval_step(objective, params_shardings=shardings, mesh=mesh)
+        return evaluate(eval_step, params, batches, None, mesh)

@@ -30,17 +30,38 @@ class Example:
 
 
 @dataclasses.dataclass
+class PairExample:
+    """A preference pair; both sequences are prompt + completion."""
+
+    chosen: Example
+    rejected: Example
+    ref_logps: np.ndarray | None = None  # float32 [2], when reference log-probs are precomputed
+
+
+KINDS = ("sft", "pairs")
+
+
+@dataclasses.dataclass
 class DataStats:
     records: int = 0
     truncated: int = 0
     dropped: int = 0
+    skipped: int = 0  # invalid records skipped under data.skip_invalid
     target_tokens: int = 0
+    skip_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.records} records, {self.truncated} truncated, {self.dropped} dropped as too "
-            f"long, {self.target_tokens} target tokens"
+            f"long, {self.skipped} invalid skipped, {self.target_tokens} target tokens"
         )
+        if self.skip_reasons:
+            text += (
+                " (skipped: "
+                + "; ".join(f"{n} x {r}" for r, n in sorted(self.skip_reasons.items()))
+                + ")"
+            )
+        return text
 
 
 def make_tokenizer(data_config: Mapping[str, Any]) -> ByteTokenizer:
@@ -62,43 +83,89 @@ def _fit_length(ex: Example, limit: int, truncation: str) -> Example | None:
     return ex if ex.mask[1:].any() else None
 
 
-def load_sft_examples(
+def _fit_pair(prompt, chosen, rejected, limit: int, truncation: str):
+    out = []
+    for ids, mask in (chosen, rejected):
+        ex = Example(
+            np.asarray(prompt + ids, np.int32), np.asarray([0] * len(prompt) + mask, np.int32)
+        )
+        out.append(_fit_length(ex, limit, truncation))
+    if out[0] is None or out[1] is None:
+        return None
+    return PairExample(out[0], out[1])
+
+
+def _target_tokens(ex) -> int:
+    if isinstance(ex, PairExample):
+        return _target_tokens(ex.chosen) + _target_tokens(ex.rejected)
+    return int(ex.mask[1:].sum())
+
+
+def load_examples(
     spec: str,
     split: str,
     tokenizer: ByteTokenizer,
     *,
+    kind: str = "sft",
     seq_len: int,
     truncation: str = "keep_start",
     max_examples: int = 0,
-) -> tuple[list[Example], DataStats]:
-    """Read, validate and tokenise every record of `spec`; raise on the first bad one."""
+    skip_invalid: bool = False,
+) -> tuple[list, DataStats]:
+    """Read, validate and tokenise every record of `spec`.
+
+    `kind="sft"` gives `Example`s, `kind="pairs"` gives `PairExample`s. A bad record raises
+    DataError naming its file:line, or with `skip_invalid` is skipped and counted by reason.
+    """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"config.data.truncation={truncation!r} is not one of {TRUNCATIONS}")
+    if kind not in KINDS:
+        raise ValueError(f"data kind {kind!r} is not one of {KINDS}")
     examples, stats = [], DataStats()
+    limit = seq_len + 1
     for record, where in sources.read_records(spec, split):
-        ids, mask = records_lib.tokenize_sft(record, tokenizer, where)
         stats.records += 1
-        ex = _fit_length(
-            Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32)), seq_len + 1, truncation
-        )
+        try:
+            if kind == "sft":
+                ids, mask = records_lib.tokenize_sft(record, tokenizer, where)
+                full = len(ids)
+                ex = _fit_length(
+                    Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32)),
+                    limit,
+                    truncation,
+                )
+            else:
+                prompt, chosen, rejected = records_lib.tokenize_preference(record, tokenizer, where)
+                full = len(prompt) + max(len(chosen[0]), len(rejected[0]))
+                ex = _fit_pair(prompt, chosen, rejected, limit, truncation)
+        except records_lib.DataError as e:
+            if not skip_invalid:
+                raise
+            stats.skipped += 1
+            reason = str(e).split(": ", 1)[-1]
+            stats.skip_reasons[reason] = stats.skip_reasons.get(reason, 0) + 1
+            continue
         if ex is None:
             stats.dropped += 1
             continue
-        stats.truncated += int(len(ex.ids) < len(ids))
-        stats.target_tokens += int(ex.mask[1:].sum())
+        stats.truncated += int(full > limit)
+        stats.target_tokens += _target_tokens(ex)
         examples.append(ex)
         if max_examples and len(examples) >= max_examples:
             break
     if not examples:
         raise ValueError(
-            f"Dataset {spec!r} ({split}) has no usable examples ({stats.summary()}); with "
-            f"data.seq_len={seq_len} every record was too long or empty."
+            f"Dataset {spec!r} ({split}) has no usable examples ({stats.summary()}); check the "
+            f"data, data.seq_len={seq_len} and data.truncation."
         )
     return examples, stats
 
 
-def to_row(ex: Example, seq_len: int) -> dict[str, np.ndarray]:
-    """One example as a fixed-length row; position t predicts `targets[t]` from `inputs[:t+1]`."""
+def load_sft_examples(spec: str, split: str, tokenizer: ByteTokenizer, **kwargs):
+    return load_examples(spec, split, tokenizer, kind="sft", **kwargs)
+
+
+def _sequence_row(ex: Example, seq_len: int) -> dict[str, np.ndarray]:
     n = len(ex.ids) - 1
     row = {k: np.zeros(seq_len, np.int32) for k in SFT_KEYS}
     row["inputs"][:n] = ex.ids[:-1]
@@ -106,6 +173,21 @@ def to_row(ex: Example, seq_len: int) -> dict[str, np.ndarray]:
     row["loss_mask"][:n] = ex.mask[1:]
     row["segment_ids"][:n] = 1
     row["positions"][:n] = np.arange(n, dtype=np.int32)
+    return row
+
+
+def to_row(ex: Example | PairExample, seq_len: int) -> dict[str, np.ndarray]:
+    """One example as fixed-length arrays; position t predicts `targets[t]` from `inputs[:t+1]`.
+
+    A `PairExample` gives `[2, seq_len]` arrays (chosen, rejected) and, when present,
+    `ref_logps` `[2]`.
+    """
+    if isinstance(ex, Example):
+        return _sequence_row(ex, seq_len)
+    c, r = _sequence_row(ex.chosen, seq_len), _sequence_row(ex.rejected, seq_len)
+    row = {k: np.stack([c[k], r[k]]) for k in SFT_KEYS}
+    if ex.ref_logps is not None:
+        row["ref_logps"] = np.asarray(ex.ref_logps, np.float32)
     return row
 
 
@@ -157,11 +239,11 @@ def make_eval_batches(
     rows = [to_row(ex, seq_len) for ex in examples]
     global_batch = micro_batch * process_count
     n_batches = -(-len(rows) // global_batch)
-    empty = {k: np.zeros(seq_len, np.int32) for k in SFT_KEYS}
+    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
     rows += [empty] * (n_batches * global_batch - len(rows))
     batches = []
     for b in range(n_batches):
         chunk = rows[b * global_batch : (b + 1) * global_batch]
         mine = chunk[process_index * micro_batch : (process_index + 1) * micro_batch]
-        batches.append({k: np.stack([r[k] for r in mine])[None] for k in SFT_KEYS})
+        batches.append({k: np.stack([r[k] for r in mine])[None] for k in rows[0]})
     return batches

@@ -117,3 +117,83 @@ def tokenize_sft(record: Any, tok: ByteTokenizer, where: str) -> tuple[list[int]
     if not any(mask):
         raise _fail(where, "no tokens to train on (no assistant turn with content)")
     return ids, mask
+
+
+# --- preference records --------------------------------------------------------------------------
+#
+# TRL's preference formats: {"prompt", "chosen", "rejected"} with strings or message lists
+# (explicit prompt), or {"chosen": [...], "rejected": [...]} conversations whose shared leading
+# messages are the prompt (implicit prompt). The prompt is tokenised once and both completions
+# continue it, so the two sequences agree token for token up to where they differ.
+
+
+def _chat_body(tok: ByteTokenizer, messages: Sequence[tuple[str, str]], target: bool):
+    ids, mask = [], []
+    for role, content in messages:
+        body = tok.encode(content) + [tok.end_of_turn_id]
+        ids += [tok.role_id(role)] + body
+        mask += [0] + [int(target and role == "assistant")] * len(body)
+    return ids, mask
+
+
+def _split_implicit_prompt(chosen, rejected, where):
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == len(chosen) or n == len(rejected):
+        raise _fail(where, "chosen and rejected are identical (or one continues the other)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def tokenize_preference(
+    record: Any, tok: ByteTokenizer, where: str
+) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+    """`(prompt_ids, (chosen_ids, chosen_mask), (rejected_ids, rejected_mask))` of one record.
+
+    The completions exclude the prompt; masks mark target tokens (the assistant turns and the
+    final `<eos>`). Raises DataError naming `where`.
+    """
+    if not isinstance(record, Mapping):
+        raise _fail(where, f"expected a JSON object, got {type(record).__name__}")
+    for field in ("chosen", "rejected"):
+        if field not in record:
+            raise _fail(where, f"preference record is missing field {field!r}")
+    chosen, rejected = record["chosen"], record["rejected"]
+    if "prompt" not in record:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise _fail(
+                where,
+                "preference record without 'prompt' needs conversations (lists of "
+                "messages) in 'chosen' and 'rejected', sharing their prompt turns",
+            )
+        prompt, chosen, rejected = _split_implicit_prompt(
+            _messages(chosen, "chosen", where), _messages(rejected, "rejected", where), where
+        )
+    else:
+        prompt = record["prompt"]
+    if isinstance(prompt, str):
+        for field, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                raise _fail(where, f"with a string prompt, {field!r} must be a string")
+            if not value:
+                raise _fail(where, f"empty {field} completion")
+        if chosen == rejected:
+            raise _fail(where, "chosen and rejected are identical")
+        prompt_ids = [tok.bos_id] + tok.encode(prompt)
+        c_ids, r_ids = (tok.encode(c) + [tok.eos_id] for c in (chosen, rejected))
+        return prompt_ids, (c_ids, [1] * len(c_ids)), (r_ids, [1] * len(r_ids))
+    if "prompt" in record:
+        prompt = _messages(prompt, "prompt", where)
+        chosen = _messages(chosen, "chosen", where)
+        rejected = _messages(rejected, "rejected", where)
+        if chosen == rejected:
+            raise _fail(where, "chosen and rejected are identical")
+    result = []
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        _check_assistant_content(msgs, field, where)
+        ids, mask = _chat_body(tok, msgs, target=True)
+        if not any(mask):
+            raise _fail(where, f"{field!r} has no assistant turn to train on")
+        result.append((ids + [tok.eos_id], mask + [mask[-1]]))
+    prompt_ids, _ = _chat_body(tok, prompt, target=False)
+    return [tok.bos_id] + prompt_ids, result[0], result[1]

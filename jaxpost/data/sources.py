@@ -79,21 +79,12 @@ def arithmetic(split: str) -> list[dict]:
     want_eval = split == "eval"
     problems = [(a, b) for a in range(50) for b in range(50) if _is_eval_pair(a, b) == want_eval]
     random.Random(0).shuffle(problems)
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"What is {a}+{b}?"},
-                {"role": "assistant", "content": str(a + b)},
-            ]
-        }
-        for a, b in problems
-    ]
+    return [_chat(f"What is {a}+{b}?", str(a + b)) for a, b in problems]
 
 
-def reverse(split: str) -> list[dict]:
-    """Reverse a random lowercase word: 'Reverse: kqzt' -> 'tzqk'."""
+def _words(split: str, task: str) -> list[str]:
     if split not in ("train", "eval"):
-        raise ValueError(f"builtin:reverse has splits 'train' and 'eval', not {split!r}")
+        raise ValueError(f"builtin:{task} has splits 'train' and 'eval', not {split!r}")
     rng = random.Random(1)
     words, seen = [], set()
     while len(words) < 4200:
@@ -101,16 +92,70 @@ def reverse(split: str) -> list[dict]:
         if w not in seen:
             seen.add(w)
             words.append(w)
-    words = words[4000:] if split == "eval" else words[:4000]
+    return words[4000:] if split == "eval" else words[:4000]
+
+
+def _chat(prompt: str, answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def reverse(split: str) -> list[dict]:
+    """Reverse a random lowercase word: 'Reverse: kqzt' -> 'tzqk' (held-out words in eval)."""
+    return [_chat(f"Reverse: {w}", w[::-1]) for w in _words(split, "reverse")]
+
+
+def _near_miss(answer: str, rng: random.Random) -> str:
+    """A plausible wrong reversal: two neighbouring letters swapped, one letter repeated in
+    place of another, or the word left as it was."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        i = rng.randrange(len(answer) - 1)
+        wrong = answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+    elif kind == 1:
+        i = rng.randrange(1, len(answer))
+        wrong = answer[:i] + answer[i - 1] + answer[i + 1 :]
+    else:
+        wrong = answer[::-1]
+    return wrong if wrong != answer else answer + answer[-1]
+
+
+def reverse_prefs(split: str) -> list[dict]:
+    """Preference pairs for `reverse`: the correct reversal vs a near miss."""
+    rng = random.Random(2 if split == "train" else 3)
     return [
-        {
-            "messages": [
-                {"role": "user", "content": f"Reverse: {w}"},
-                {"role": "assistant", "content": w[::-1]},
-            ]
-        }
-        for w in words
+        _pair(f"Reverse: {w}", w[::-1], _near_miss(w[::-1], rng))
+        for w in _words(split, "reverse_prefs")
     ]
 
 
-BUILTIN_TASKS = {"arithmetic": arithmetic, "reverse": reverse}
+def arithmetic_prefs(split: str) -> list[dict]:
+    """Preference pairs for `arithmetic`: the right sum vs a carry or off-by-one mistake."""
+    rng = random.Random(4)
+    out = []
+    for record in arithmetic(split):
+        question = record["messages"][0]["content"]
+        answer = int(record["messages"][1]["content"])
+        wrong = answer + rng.choice([-10, -1, 1, 10])
+        out.append(_pair(question, str(answer), str(abs(wrong) if wrong != answer else 0)))
+    return out
+
+
+BUILTIN_TASKS = {
+    "arithmetic": arithmetic,
+    "arithmetic_prefs": arithmetic_prefs,
+    "reverse": reverse,
+    "reverse_prefs": reverse_prefs,
+}

@@ -1,14 +1,18 @@
 """Training objectives: each a small record with a pure loss function, found by name.
 
-An objective's `loss_fn(params, batch, frozen)` returns `(loss_sum, aux)`:
-  * `loss_sum` -- a scalar *sum* over the micro-batch (differentiated);
-  * `aux["denominator"]` -- what `loss_sum` is normalised by (target tokens for SFT). The loop
-    divides the sum over all micro-batches (and hosts) by the summed denominator, so gradient
-    accumulation equals one large batch;
-  * `aux["metrics"]` -- `{name: (sum, count)}`, reported as `sum / count` over the whole batch;
-  * `aux["totals"]` -- `{name: sum}`, reported as the sum over the whole batch (e.g. num_tokens).
-`frozen` carries what is not trained (e.g. a reference model's params), or None.
-Hyperparameters are bound when the objective is made, not read inside the loss.
+Contract (what `jaxpost.train` relies on):
+  * `loss_fn(params, batch, frozen) -> (terms, aux)` for one micro-batch:
+      - `terms`: `{name: scalar sum}` -- the differentiated loss is `sum_t terms[t] / D[t]`;
+      - `aux["metrics"]`: `{name: (sum, count)}`, reported as `sum / count` over the whole batch;
+      - `aux["totals"]`: `{name: sum}`, reported summed (e.g. `num_tokens`);
+      - `aux["minima"]` / `aux["maxima"]` (optional): `{name: value}`, reported as min / max.
+  * `denominators(batch) -> {name: count}` with the keys of `terms`, from the batch alone (any
+    leading dims). The step evaluates it on the whole accumulated global batch first, so gradient
+    accumulation and multi-host training equal one large batch (e.g. SFT divides by the target
+    tokens of all micro-batches, not by each micro-batch's own count).
+  * `frozen` carries what is not trained (a DPO reference's params), or None.
+Hyperparameters are bound when the objective is made (`functools.partial`), never read from the
+config inside the loss.
 """
 
 from __future__ import annotations
@@ -17,25 +21,51 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxpost.objectives import sft
+import flax.linen as nn
+
+from jaxpost import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
     name: str
-    batch_keys: tuple[str, ...]  # int32 arrays of shape [..., L] the loss reads
-    loss_fn: Callable[[Any, Mapping[str, Any], Any], tuple[Any, dict]]
+    model: nn.Module  # what `init` builds and `loss_fn` applies
+    data_kind: str  # "sft" (single sequences) or "pairs" ([..., 2, L] chosen/rejected)
+    loss_fn: Callable[[Any, Mapping[str, Any], Any], tuple[dict, dict]]
+    denominators: Callable[[Mapping[str, Any]], dict]
+    reference: str = "none"  # "none", "frozen" (params passed as `frozen`), "precomputed"
 
 
-REGISTRY: dict[str, Callable[..., Objective]] = {
-    "sft": lambda objective_config, model: Objective(
-        "sft", sft.BATCH_KEYS, sft.make_loss_fn(model)
-    ),
+def _make_sft(config, model_config):
+    from jaxpost.objectives import sft
+
+    return sft.make(config, model_config)
+
+
+def _make_rm(config, model_config):
+    from jaxpost.objectives import rm
+
+    return rm.make(config, model_config)
+
+
+def _make_dpo(config, model_config):
+    from jaxpost.objectives import dpo
+
+    return dpo.make(config, model_config)
+
+
+REGISTRY: dict[str, Callable[[Any, model_lib.Config], Objective]] = {
+    "sft": _make_sft,
+    "rm": _make_rm,
+    "dpo": _make_dpo,
 }
 
 
-def make_objective(objective_config: Mapping[str, Any], model) -> Objective:
+def make_objective(objective_config: Mapping[str, Any], model_config) -> Objective:
+    """Build the objective named by `config.objective.name` for a model `Config`."""
     name = objective_config["name"]
     if name not in REGISTRY:
         raise ValueError(f"config.objective.name={name!r} is not one of {sorted(REGISTRY)}")
-    return REGISTRY[name](objective_config, model)
+    if isinstance(model_config, nn.Module):  # accept a Decoder for convenience
+        model_config = model_config.config
+    return REGISTRY[name](objective_config, model_config)

@@ -7,12 +7,11 @@ import functools
 import jax.numpy as jnp
 
 from jaxpost import losses
-
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+from jaxpost import model as model_lib
 
 
 def loss_fn(params, batch, frozen, *, model):
-    """`(nll_sum, aux)` for one micro-batch; see `jaxpost.objectives` for the contract."""
+    """`({"nll": sum}, aux)` for one micro-batch; see `jaxpost.objectives` for the contract."""
     del frozen
     logits_BLV = model.apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
@@ -23,21 +22,31 @@ def loss_fn(params, batch, frozen, *, model):
     # A row is an exact match when greedy decoding would reproduce every target token.
     has_targets_B = mask_BL.any(axis=-1)
     exact_B = has_targets_B & ~jnp.any(mask_BL & ~correct_BL, axis=-1)
-    n_rows = jnp.sum(has_targets_B).astype(jnp.float32)
     aux = {
-        "denominator": n_targets,
         "metrics": {
-            "loss": (nll_sum, n_targets),
-            "accuracy": (jnp.sum(correct_BL).astype(jnp.float32), n_targets),
-            "exact_match": (jnp.sum(exact_B).astype(jnp.float32), n_rows),
+            "accuracy": (jnp.sum(correct_BL), n_targets),
+            "exact_match": (jnp.sum(exact_B), jnp.sum(has_targets_B)),
         },
         "totals": {
-            "num_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+            "num_tokens": jnp.sum(batch["segment_ids"] > 0),
             "num_target_tokens": n_targets,
         },
     }
-    return nll_sum, aux
+    return {"nll": nll_sum}, aux
 
 
-def make_loss_fn(model):
-    return functools.partial(loss_fn, model=model)
+def denominators(batch):
+    return {"nll": jnp.sum(batch["loss_mask"] > 0)}
+
+
+def make(objective_config, model_config):
+    from jaxpost.objectives import Objective
+
+    model = model_lib.Decoder(model_config)
+    return Objective(
+        name="sft",
+        model=model,
+        data_kind="sft",
+        loss_fn=functools.partial(loss_fn, model=model),
+        denominators=denominators,
+    )
