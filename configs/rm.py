@@ -1,7 +1,7 @@
 """Reward modeling (Bradley-Terry) on preference pairs.
 
 Variants:
-  (none)   the demo's reward model: pairs of a correct word reversal vs a near miss; starts from
+  (none)   the demo's reward model: pairs of correctly sorted letters vs a near miss; starts from
            config.init.workdir when set (the demo points it at its SFT run), else from scratch.
   smoke    tiny and fast, from scratch, for tests.
 Usage: jaxpost train --config=configs/rm.py:smoke --workdir=/tmp/rm [--config.init.workdir=SFT]
@@ -18,16 +18,16 @@ VARIANTS = (None, "smoke")
 def get_config(arg=None):
     c = config_lib.base_config()
     c.objective.name = "rm"
-    c.data.train_path = "builtin:reverse_prefs"
-    c.data.eval_path = "builtin:reverse_prefs"
+    c.data.train_path = "builtin:sort_prefs"
+    c.data.eval_path = "builtin:sort_prefs"
     c.data.seq_len = 32
     if arg is None:
         c.model = dataclasses.asdict(model.preset("demo"))
         c.train.update(num_steps=150, global_batch=32)
-        c.optim.update(lr=1e-3, warmup_steps=15)
+        c.optim.update(lr=3e-3, warmup_steps=15)
         c.eval.update(every_steps=50, batch_size=64)
         c.checkpoint.every_steps = 0
-        c.log.every_steps = 25
+        c.log.every_steps = 10
     elif arg == "smoke":
         c.model = dataclasses.asdict(model.preset("smoke"))
         c.train.update(num_steps=10, global_batch=16)

@@ -9,6 +9,7 @@ the last good checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -85,29 +86,47 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator, step:
     return state, restored["data"]
 
 
-def load_params(workdir: str, step: int | None = None) -> Any:
-    """The params pytree (numpy arrays, host memory) of the latest or given checkpoint.
-
-    Needs only the workdir: no config, mesh or CLI. Place the result on devices with
-    `jax.device_put(params, shardings)` as your program needs.
-    """
+def _params_path(workdir: str, step: int | None) -> epath.Path:
     directory = checkpoint_dir(workdir)
     if not epath.Path(directory).exists():
         raise FileNotFoundError(f"No checkpoints in {workdir!r}: {directory} does not exist.")
-    # Orbax renames a step directory to its number only once it is complete.
-    root = epath.Path(directory)
-    steps = sorted(
-        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").exists()
-    )
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "read only" notices
+    try:
+        # The manager knows which steps are complete (renamed locally, committed on GCS).
+        manager = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+        )
+        steps = sorted(manager.all_steps())
+        manager.close()
+    finally:
+        absl_logger.setLevel(level)
     if not steps:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
     if step is None:
         step = steps[-1]
     elif step not in steps:
         raise FileNotFoundError(f"{directory} has no step {step}; available steps: {steps}")
-    path = root / str(step) / "params"
+    return epath.Path(directory) / str(step) / "params"
+
+
+def load_params(workdir: str, step: int | None = None) -> Any:
+    """The params pytree (numpy arrays, host memory) of the latest or given checkpoint.
+
+    Needs only the workdir: no config, mesh or CLI. Place the result on devices with
+    `jax.device_put(params, shardings)` as your program needs; for large models prefer
+    `restore_params`, which reads each device's shard straight into place.
+    """
+    path = _params_path(workdir, step)
     checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(path)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that the step-level metadata is elsewhere
+    try:
+        metadata = checkpointer.metadata(path)
+    finally:
+        absl_logger.setLevel(level)
     tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
     restore_args = jax.tree.map(
         lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
@@ -115,3 +134,16 @@ def load_params(workdir: str, step: int | None = None) -> Any:
         is_leaf=lambda m: hasattr(m, "shape"),
     )
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def restore_params(workdir: str, target: Any, step: int | None = None) -> Any:
+    """Restore a checkpoint's params into `target`'s layout: a pytree of `jax.ShapeDtypeStruct`
+    with `.sharding`. Each process reads only its devices' shards, casting to the target dtypes.
+    Parameters in the checkpoint that `target` lacks (e.g. `lm_head` for a reward model's
+    backbone) are not read."""
+    path = _params_path(workdir, step)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return ocp.PyTreeCheckpointer().restore(
+        path,
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )

@@ -175,6 +175,7 @@ class PreferenceTerms:
     beta: float
     label_smoothing: float
     discopop_tau: float
+    valid: jax.Array | None = None  # [B] bool; False = a padding pair
 
     @property
     def delta(self) -> jax.Array:
@@ -257,16 +258,26 @@ def _sppo_hard(t: PreferenceTerms) -> jax.Array:
     return (t.chosen_logratios - half) ** 2 + (t.rejected_logratios + half) ** 2
 
 
+def _sort_valid(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+    # Padding pairs sort last (a large finite value keeps gradients finite); the caller's mask
+    # then drops the last positions, which are exactly the padding ones.
+    if valid is None:
+        return jnp.sort(x)
+    return jnp.sort(jnp.where(valid, x, jnp.asarray(1e30, x.dtype)))
+
+
 def _aot(t: PreferenceTerms) -> jax.Array:
     """AOT, paired (Melnyk et al. 2024): sigmoid loss on the sorted policy log-ratio
     differences minus the sorted reference ones (sorting is within the batch)."""
-    delta = jnp.sort(t.policy_chosen - t.policy_rejected) - jnp.sort(t.ref_chosen - t.ref_rejected)
+    delta = _sort_valid(t.policy_chosen - t.policy_rejected, t.valid) - _sort_valid(
+        t.ref_chosen - t.ref_rejected, t.valid
+    )
     return _smoothed_sigmoid(t.beta * delta, t.label_smoothing)
 
 
 def _aot_unpaired(t: PreferenceTerms) -> jax.Array:
     """AOT, unpaired (Melnyk et al. 2024): sorted chosen log-ratios minus sorted rejected ones."""
-    delta = jnp.sort(t.chosen_logratios) - jnp.sort(t.rejected_logratios)
+    delta = _sort_valid(t.chosen_logratios, t.valid) - _sort_valid(t.rejected_logratios, t.valid)
     return _smoothed_sigmoid(t.beta * delta, t.label_smoothing)
 
 
@@ -298,8 +309,11 @@ def _discopop(t: PreferenceTerms) -> jax.Array:
 
 def _sft(t: PreferenceTerms) -> jax.Array:
     """Token-mean NLL of the chosen completions over the batch, repeated per pair (RPO/MPO)."""
-    lc, _ = t.lengths("sft")
-    nll = -jnp.sum(t.policy_chosen) / jnp.sum(lc)
+    t.lengths("sft")
+    keep = jnp.ones_like(t.policy_chosen, bool) if t.valid is None else t.valid
+    nll = -jnp.sum(jnp.where(keep, t.policy_chosen, 0.0)) / jnp.maximum(
+        jnp.sum(jnp.where(keep, t.chosen_lengths.astype(t.policy_chosen.dtype), 0.0)), 1.0
+    )
     return jnp.broadcast_to(nll, t.policy_chosen.shape)
 
 
@@ -326,6 +340,7 @@ F_DIVERGENCE_LOSSES = frozenset(
     {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "cdpo"}
 )
 LABEL_SMOOTHING_LOSSES = frozenset({"robust", "aot", "aot_unpaired", "exo_pair", "cdpo"})
+SORTING_LOSSES = frozenset({"aot", "aot_unpaired"})  # per-example outputs are in sorted order
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
@@ -360,6 +375,7 @@ def dpo_loss(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """DPO-family preference losses, with TRL 1.16 DPOTrainer's names and semantics.
 
@@ -374,6 +390,10 @@ def dpo_loss(
       chosen_lengths, rejected_lengths: completion token counts, needed by ipo, sigmoid_norm, sft.
       f_divergence_type: the divergence whose derivative turns log-ratios into scores
         (Wang et al. 2023, 'Beyond reverse KL'); only for the variants in F_DIVERGENCE_LOSSES.
+      mask: optional `[B]` booleans, False for padding pairs: they get loss 0, are left out of
+        the "sft" token mean and sort last in aot/aot_unpaired (whose outputs are in sorted
+        order, so there the zeros are the last positions). The mean over real pairs is then
+        `sum(losses) / sum(mask)`.
 
     Returns:
       `(per_example_losses, chosen_rewards, rejected_rewards)`, each `[B]`; the loss is the mean
@@ -433,9 +453,18 @@ def dpo_loss(
         beta=beta,
         label_smoothing=label_smoothing,
         discopop_tau=discopop_tau,
+        valid=None if mask is None else mask.astype(bool),
     )
-    losses = sum(w * DPO_LOSSES[t](terms) for t, w in zip(types, weights, strict=True))
-    return losses, beta * chosen_logratios, beta * rejected_logratios
+    total = 0.0
+    for t, w in zip(types, weights, strict=True):
+        per = DPO_LOSSES[t](terms)
+        if mask is not None:
+            keep = terms.valid
+            if t in SORTING_LOSSES:  # sorted order: the real pairs come first
+                keep = jnp.arange(keep.shape[0]) < jnp.sum(keep)
+            per = jnp.where(keep, per, 0.0)
+        total = total + w * per
+    return total, beta * chosen_logratios, beta * rejected_logratios
 
 
 # --- reference-free preference losses ------------------------------------------------------------

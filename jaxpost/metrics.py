@@ -12,13 +12,16 @@ FLOPs follow `model.flops_per_token` (6N + attention, PaLM convention) and `peak
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets).
 _PEAKS = {
@@ -81,26 +84,44 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricWriter:
-    """Appends to WORKDIR/metrics.jsonl and TensorBoard events; silent on non-zero processes."""
+    """Appends to WORKDIR/metrics.jsonl and TensorBoard events; silent on non-zero processes.
+
+    A remote workdir (`gs://...`) gets metrics.jsonl rewritten whole at each write (object
+    stores cannot append) and TensorBoard events in a local temporary directory (logged).
+    """
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
         self._enabled = enabled
         self._jsonl = None
+        self._remote = None
+        self._rows: list[str] = []
         self._tb = None
         if not enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if "://" in workdir:
+            self._remote = epath.Path(workdir) / "metrics.jsonl"
+            if self._remote.exists():
+                self._rows = self._remote.read_text().splitlines()
+            tb_dir = tempfile.mkdtemp(prefix="jaxpost-tensorboard-")
+            logging.getLogger("jaxpost").warning("TensorBoard events go to %s", tb_dir)
+        else:
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            tb_dir = os.path.join(workdir, "tensorboard")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(tb_dir)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self._enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        record = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+        if self._remote is not None:
+            self._rows.append(record)
+            self._remote.write_text("\n".join(self._rows) + "\n")
+        else:
+            self._jsonl.write(record + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), int(step))

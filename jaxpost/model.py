@@ -128,9 +128,10 @@ class RMSNorm(nn.Module):
             (x_BLD.shape[-1],),
             jnp.dtype(cfg.param_dtype),
         )
+        # As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
         x = x_BLD.astype(jnp.promote_types(x_BLD.dtype, jnp.float32))
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.rms_eps)
-        return (scale_D.astype(x.dtype) * x).astype(cfg.dtype)
+        return (scale_D * x.astype(x_BLD.dtype)).astype(cfg.dtype)
 
 
 def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:

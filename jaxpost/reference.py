@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxpost import sharding
@@ -49,20 +50,36 @@ def cache_key(
 def compute(logps_fn, params, examples, *, seq_len: int, batch_size: int, mesh) -> np.ndarray:
     """`[N, 2]` float32 reference log-probs (chosen, rejected) of `examples`, in order.
 
-    `logps_fn(params, batch)` maps a `[1, B, 2, L]` batch to `[1, B, 2]` log-probs (jitted here).
+    `logps_fn(params, batch)` maps a `[1, B, 2, L]` batch to `[1, B, 2]` log-probs. Each row
+    carries its example index through the computation, so the result is put back in order
+    however the mesh lays processes' rows out; every process gets the whole result.
     """
+    from jaxpost.train import to_global
+
     batches = pipeline.make_eval_batches(
         examples,
         seq_len=seq_len,
         micro_batch=batch_size // jax.process_count(),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        with_index=True,
     )
-    fn = jax.jit(logps_fn, out_shardings=sharding.replicated(mesh))
-    from jaxpost.train import to_global
+    batch_sharding = sharding.batch_sharding(mesh)
 
-    out = [np.asarray(jax.device_get(fn(params, to_global(b, mesh))))[0] for b in batches]
-    return np.concatenate(out)[: len(examples)].astype(np.float32)
+    def fn(p, batch):
+        return logps_fn(p, batch), batch["example_index"]
+
+    fn = jax.jit(fn, out_shardings=(batch_sharding, batch_sharding))
+    out = np.full((len(examples), 2), np.nan, np.float32)
+    for b in batches:
+        logps, index = fn(params, to_global(b, mesh))
+        logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True))[0]
+        index = np.asarray(multihost_utils.process_allgather(index, tiled=True))[0]
+        real = index >= 0
+        out[index[real]] = logps[real]
+    if np.isnan(out).any():
+        raise RuntimeError("reference pass left some examples without log-probs")
+    return out
 
 
 def attach(examples, logps: np.ndarray) -> list[pipeline.PairExample]:
@@ -72,19 +89,28 @@ def attach(examples, logps: np.ndarray) -> list[pipeline.PairExample]:
 
 
 def load_or_compute(cache_dir: str, key: str, compute_fn, *, what: str) -> np.ndarray:
-    path = os.path.join(cache_dir, f"{key}.npy")
-    if os.path.exists(path):
-        logps = np.load(path)
+    """Read `cache_dir/key.npy`, or compute and write it (atomically, from process 0).
+
+    Process 0 decides whether the file exists and tells the others, so all processes take the
+    same branch (the compute is a collective: one process alone would hang).
+    """
+    path = epath.Path(cache_dir) / f"{key}.npy"
+    exists = path.exists()
+    if jax.process_count() > 1:
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if exists:
+        with path.open("rb") as f:
+            logps = np.load(f)
         log.info("reference log-probs (%s): reused %s", what, path)
         return logps
     t0 = time.perf_counter()
     logps = compute_fn()
     if jax.process_index() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{key}.npy.tmp{os.getpid()}"
+        with tmp.open("wb") as f:
             np.save(f, logps)
-        os.replace(tmp, path)  # atomic: a reader never sees a partial file
+        tmp.replace(path)  # atomic: a reader never sees a partial file
     log.info(
         "reference log-probs (%s): %d pairs in %.1fs, saved to %s",
         what,

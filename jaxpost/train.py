@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from jaxpost import checkpoint as ckpt
 from jaxpost import config as config_lib
@@ -82,11 +82,12 @@ def abstract_state(state_shardings, model, tx, *, seq_len: int):
     )
 
 
-def _combine(a, b, kind):
+def _combine(a, b, kind, xp=jnp):
+    """Combine two partial aux values: min for minima, max for maxima, else a sum."""
     if kind == "minima":
-        return jnp.minimum(a, b)
+        return xp.minimum(a, b)
     if kind == "maxima":
-        return jnp.maximum(a, b)
+        return xp.maximum(a, b)
     return a + b
 
 
@@ -221,7 +222,7 @@ def evaluate(eval_step, params, batches, frozen, mesh) -> dict[str, float]:
             {k: total[1][k] + denoms[k] for k in denoms},
             {
                 kind: jax.tree.map(
-                    lambda a, b, k=kind: _combine_np(a, b, k), total[2][kind], aux[kind]
+                    lambda a, b, k=kind: _combine(a, b, k, np), total[2][kind], aux[kind]
                 )
                 for kind in aux
             },
@@ -231,19 +232,18 @@ def evaluate(eval_step, params, batches, frozen, mesh) -> dict[str, float]:
     return {"loss": float(loss), **{k: float(v) for k, v in _report(aux).items()}}
 
 
-def _combine_np(a, b, kind):
-    if kind == "minima":
-        return np.minimum(a, b)
-    if kind == "maxima":
-        return np.maximum(a, b)
-    return a + b
-
-
 def to_global(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Assemble each process's `[A, local_B, L]` arrays into global `[A, B, L]` arrays."""
     batch_sharding = sharding.batch_sharding(mesh)
+    n = jax.process_count()
+
+    def global_shape(v):
+        return (v.shape[0], v.shape[1] * n, *v.shape[2:])
+
     return {
-        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        k: jax.make_array_from_process_local_data(
+            batch_sharding, np.asarray(v), global_shape(np.asarray(v))
+        )
         for k, v in local_batch.items()
     }
 
@@ -281,35 +281,87 @@ def batch_layout(config: ml_collections.ConfigDict, mesh) -> BatchLayout:
         raise ValueError(
             f"eval.batch_size={eval_b} is not divisible by the data-parallel size {dp}."
         )
-    return BatchLayout(gb, accum, micro, micro // jax.process_count())
+    n_proc = jax.process_count()
+    if dp % n_proc:
+        raise ValueError(
+            f"The data-parallel size mesh.data x mesh.fsdp = {dp} is not a multiple of the "
+            f"{n_proc} processes: every process must feed its own batch rows. Keep the tensor "
+            "axis within a host (e.g. --config.mesh.tensor=<devices per host or fewer>)."
+        )
+    return BatchLayout(gb, accum, micro, micro // n_proc)
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint: the data iterator's
+# saved position counts batches of these examples, and the model must be the same one. Compute
+# settings (model.dtype, model.remat, mesh, eval, log, checkpoint cadence) may change.
+_RESUME_KEYS = (
+    "seed",
+    "objective",
+    "data.train_path",
+    "data.tokenizer",
+    "data.seq_len",
+    "data.truncation",
+    "data.skip_invalid",
+    "train.global_batch",
+    "train.accum_steps",
+    "init.workdir",
+    "init.step",
+)
+_RESUME_MODEL_EXEMPT = ("dtype", "remat")
+
+
+def _get(tree: Mapping, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, Mapping) else None
+    return tree
 
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A workdir holding a checkpoint of a different model must not be resumed (or clobbered)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or not os.path.isdir(ckpt.checkpoint_dir(workdir)):
+    """A workdir's checkpoints may only be resumed by a compatible run (never clobbered)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists() or not epath.Path(ckpt.checkpoint_dir(workdir)).exists():
         return
-    with open(path) as f:
-        saved = json.load(f)
-    if saved.get("model") != config.model.to_dict():
-        diff = sorted(
-            k
-            for k in set(saved.get("model", {})) | set(config.model)
-            if saved.get("model", {}).get(k) != config.model.get(k)
-        )
+    saved = json.loads(path.read_text())
+    current = config.to_dict()
+    problems = [
+        f"model.{k}: {saved.get('model', {}).get(k)!r} there, {current['model'].get(k)!r} here"
+        for k in sorted(set(saved.get("model", {})) | set(current["model"]))
+        if k not in _RESUME_MODEL_EXEMPT
+        and saved.get("model", {}).get(k) != current["model"].get(k)
+    ]
+    problems += [
+        f"{k}: {_get(saved, k)!r} there, {_get(current, k)!r} here"
+        for k in _RESUME_KEYS
+        if _get(saved, k) != _get(current, k)
+    ]
+    saved_procs = saved.get("_process_count", jax.process_count())
+    if saved_procs != jax.process_count():
+        problems.append(f"process count: {saved_procs} there, {jax.process_count()} here")
+    if problems:
+        kind = "a different model" if problems[0].startswith("model.") else "a different run"
         raise ValueError(
-            f"{workdir} holds checkpoints of a different model (config.json differs in model."
-            f"{', model.'.join(diff)}); use a new --workdir or the same model config."
+            f"{workdir} holds checkpoints of {kind} ({'; '.join(problems)}). Resuming would "
+            "train a different model or skip/replay data; use a new --workdir, or the same "
+            "settings to resume."
+        )
+    if _get(saved, "train.num_steps") != current["train"]["num_steps"]:
+        log.warning(
+            "resuming with train.num_steps=%s (was %s): the learning-rate schedule is "
+            "stretched from here on",
+            current["train"]["num_steps"],
+            _get(saved, "train.num_steps"),
         )
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() != 0:
         return
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, "config.json"))
+    record = config.to_dict()
+    record["_process_count"] = jax.process_count()  # checked on resume
+    path = epath.Path(workdir) / "config.json"
+    tmp = epath.Path(workdir) / "config.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -345,15 +397,14 @@ def _check_init_workdir(config) -> None:
     src = config.init.workdir
     if not src:
         return
-    path = os.path.join(src, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(src) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(
             f"config.init.workdir={src!r} holds no config.json: it is not a jaxpost workdir."
         )
-    if not os.path.isdir(ckpt.checkpoint_dir(src)):
+    if not epath.Path(ckpt.checkpoint_dir(src)).exists():
         raise FileNotFoundError(f"config.init.workdir={src!r} holds no checkpoints.")
-    with open(path) as f:
-        saved = json.load(f).get("model", {})
+    saved = json.loads(path.read_text()).get("model", {})
     diff = sorted(k for k in set(saved) | set(config.model) if saved.get(k) != config.model.get(k))
     # Compute/memory settings may differ; the architecture may not.
     diff = [k for k in diff if k not in ("dtype", "remat")]
@@ -367,41 +418,24 @@ def _check_init_workdir(config) -> None:
         )
 
 
-def _initial_params(config, objective, params_shardings):
-    """Params from `config.init.workdir` (e.g. an SFT run) laid out for this objective's model."""
+def _initial_params(config, objective, params):
+    """Params from `config.init.workdir` (e.g. an SFT run) restored straight into the sharded
+    layout of `params` (each host reads its own shards); a reward model takes the backbone."""
     step = int(config.init.step)
-    loaded = ckpt.load_params(config.init.workdir, None if step < 0 else step)
-    target = sharding.strip_boxes(params_shardings)
-    if objective.name == "rm":  # the decoder backbone; the scalar head starts fresh
-        loaded = {k: v for k, v in loaded.items() if k != "lm_head"}
-        return {"decoder": loaded}
-    want = jax.tree_util.tree_structure(target)
-    if jax.tree_util.tree_structure(loaded) != want:
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+    )
+    sub = target["decoder"] if objective.name == "rm" else target
+    try:
+        restored = ckpt.restore_params(config.init.workdir, sub, None if step < 0 else step)
+    except (ValueError, KeyError) as e:
         raise ValueError(
-            f"config.init.workdir={config.init.workdir!r}: its parameters do not fit this model "
-            f"(tree {jax.tree_util.tree_structure(loaded)} vs {want})."
-        )
-    return loaded
-
-
-def _place(params_np, params_shardings, current):
-    """Overwrite (parts of) `current` params with host arrays, in their shardings."""
-    flat_cur = dict(jax.tree_util.tree_flatten_with_path(current)[0])
-    flat_sh = dict(jax.tree_util.tree_flatten_with_path(params_shardings)[0])
-    updates = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(params_np)[0]:
-        if path not in flat_cur:
-            raise ValueError(
-                f"init checkpoint has parameter {jax.tree_util.keystr(path)} that this model lacks"
-            )
-        if tuple(value.shape) != tuple(flat_cur[path].shape):
-            raise ValueError(
-                f"init checkpoint parameter {jax.tree_util.keystr(path)} has shape "
-                f"{value.shape}, the model expects {flat_cur[path].shape}"
-            )
-        updates[path] = jax.device_put(value.astype(flat_cur[path].dtype), flat_sh[path])
-    leaves = [updates.get(p, v) for p, v in jax.tree_util.tree_flatten_with_path(current)[0]]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(current), leaves)
+            f"config.init.workdir={config.init.workdir!r}: its parameters do not fit this "
+            f"{objective.name} model ({e})"
+        ) from None
+    if objective.name == "rm":  # the scalar head starts fresh
+        return {**params, "decoder": restored}
+    return restored
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -416,7 +450,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_steps = int(config.train.num_steps)
     seq_len = int(config.data.seq_len)
     _check_init_workdir(config)
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     _check_workdir(workdir, config)
     tokenizer = pipeline.make_tokenizer(config.data)
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -445,13 +479,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             model, tx, mesh, seed=int(config.seed), seq_len=seq_len
         )
         if config.init.workdir:
-            state = state.replace(
-                params=_place(
-                    _initial_params(config, objective, state_shardings.params),
-                    state_shardings.params,
-                    state.params,
-                )
-            )
+            state = state.replace(params=_initial_params(config, objective, state.params))
             log.info("initial parameters from %s", config.init.workdir)
         frozen, frozen_shardings = None, None
         if objective.reference == "frozen":
@@ -522,6 +550,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 num_steps=num_steps,
                 layout=layout,
                 peak_and_source=peak,
+                objective=objective,
             )
         finally:
             # Let a save already under way finish (even when stopping on an error), so the
@@ -554,7 +583,7 @@ def _precompute_reference(config, objective, params, train_examples, eval_exampl
     from jaxpost import reference
     from jaxpost.objectives import dpo
 
-    cache_dir = config.objective.reference_cache_dir or os.path.join(workdir, "reference_logps")
+    cache_dir = config.objective.reference_cache_dir or str(epath.Path(workdir) / "reference_logps")
     seq_len = int(config.data.seq_len)
 
     def logps_fn(p, batch):  # [1, B, 2, L] -> [1, B, 2]
@@ -614,17 +643,19 @@ def _loop(
     num_steps,
     layout,
     peak_and_source,
+    objective,
 ):
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(
         workdir, tensorboard=bool(config.log.tensorboard), enabled=is_main
     )
     peak, peak_source = peak_and_source
-    flops_per_step = (
-        model_lib.flops_per_token(model_config, int(config.data.seq_len))
-        * layout.global_batch
-        * int(config.data.seq_len)
-    )
+    # Pairs are two sequences each; a frozen reference adds one forward pass (2N of 6N).
+    sequences = layout.global_batch * (2 if objective.data_kind == "pairs" else 1)
+    per_token = model_lib.flops_per_token(model_config, int(config.data.seq_len))
+    if objective.reference == "frozen":
+        per_token *= 4 / 3
+    flops_per_step = per_token * sequences * int(config.data.seq_len)
     log.info("MFU divides by %.3g FLOP/s (%s)", peak, peak_source)
     start = int(jax.device_get(state.step))
     every = {k: int(config[k].every_steps) for k in ("log", "eval", "checkpoint")}
@@ -633,6 +664,10 @@ def _loop(
         if not eval_batches:
             return {}
         result = evaluate(eval_step, state.params, eval_batches, frozen, mesh)
+        if not math.isfinite(result["loss"]):
+            raise NonFiniteLossError(
+                f"Non-finite eval loss at step {step} ({result['loss']}); stopped before saving."
+            )
         scalars = {f"eval/{k}": v for k, v in result.items()}
         writer.write(step, scalars)
         log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))

@@ -35,6 +35,21 @@ def test_every_config_and_variant_builds(path):
         assert config.train.num_steps > 0 and config.checkpoint.every_steps >= 0
     with pytest.raises(ValueError):
         module.get_config("no-such-variant")
+    for variant in module.VARIANTS:  # every sweep point is a valid override of its variant
+        if hasattr(module, "get_sweep"):
+            for point in module.get_sweep(variant):
+                config = config_lib.load_config(path + (f":{variant}" if variant else ""))
+                config_lib.apply_overrides(config, [f"{k}={v}" for k, v in point.items()])
+
+
+def test_sweep_tool_expands_points_into_runs(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import sweep
+
+    runs = sweep.expand(f"{REPO}/configs/dpo.py:smoke", str(tmp_path), ["train.num_steps=1"])
+    assert [w.rsplit("/", 1)[1] for w, _ in runs] == ["loss_type=sigmoid", "loss_type=hinge"]
+    assert "--config.train.num_steps=1" in runs[0][1]
+    assert "--config.objective.loss_type=hinge" in runs[1][1]
 
 
 def test_unknown_override_key_suggests_the_right_one():
@@ -139,3 +154,38 @@ def test_console_command_prints_one_line_errors(tmp_path):
     assert result.returncode == 2
     assert "jaxpost: error: --config.optim.lrr: no such config key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["rm", "dpo"])
+def test_preference_smoke_configs_run_from_an_empty_workdir(tmp_path, name):
+    summary = main(
+        [
+            "train",
+            f"--config={REPO}/configs/{name}.py:smoke",
+            f"--workdir={tmp_path}",
+            "--config.train.num_steps=2",
+            "--config.eval.every_steps=0",
+        ]
+    )
+    assert summary["final_step"] == 2 and "loss" in summary["eval_after"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    key = "accuracy" if name == "rm" else "rewards/accuracies"
+    assert any(key in r for r in rows) and any(f"eval/{key}" in r for r in rows)
+
+
+def test_resume_refuses_changed_data_settings_but_allows_compute_settings(tmp_path):
+    workdir = tmp_path / "run"
+    base = [
+        "train",
+        f"--config={REPO}/configs/sft.py:smoke",
+        f"--workdir={workdir}",
+        "--config.train.num_steps=2",
+        "--config.data.max_eval_examples=16",
+    ]
+    main(base)
+    with pytest.raises(ValueError, match=r"different run \(data.seq_len: 32 there, 48 here"):
+        main(base + ["--config.data.seq_len=48"])
+    with pytest.raises(ValueError, match=r"train.global_batch: 16 there, 32 here"):
+        main(base + ["--config.train.global_batch=32"])
+    summary = main(base + ["--config.model.remat=full", "--config.train.num_steps=3"])
+    assert summary["start_step"] == 2 and summary["final_step"] == 3

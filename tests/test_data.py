@@ -148,7 +148,29 @@ def test_eval_batches_cover_every_example_once():
 
 
 def test_builtin_eval_split_is_held_out():
-    for task in ("arithmetic", "reverse"):
+    for task in ("arithmetic", "reverse", "sort", "sort_prefs", "reverse_prefs"):
         train = {json.dumps(r) for r in sources.BUILTIN_TASKS[task]("train")}
         held = [json.dumps(r) for r in sources.BUILTIN_TASKS[task]("eval")]
         assert held and not train & set(held)
+
+
+def test_processes_never_overlap_when_examples_do_not_divide_evenly():
+    examples = [
+        pipeline.Example(np.array([1, 8 + i, 2], np.int32), np.array([0, 1, 1], np.int32))
+        for i in range(7)
+    ]
+    its = [
+        pipeline.make_train_iterator(
+            examples,
+            seq_len=4,
+            micro_batch=1,
+            accum_steps=1,
+            seed=0,
+            process_index=p,
+            process_count=2,
+        )
+        for p in range(2)
+    ]
+    for _ in range(9):  # three epochs of 3 examples per process
+        a, b = (int(next(it)["inputs"][0, 0, 1]) for it in its)
+        assert a != b

@@ -39,8 +39,17 @@ def _env(devices):
     return env
 
 
-def _cli(workdir, extra=()):
-    return [sys.executable, "-m", "jaxpost.main", "train", f"--workdir={workdir}", *COMMON, *extra]
+def _cli(workdir, extra=(), config="sft"):
+    return [
+        sys.executable,
+        "-m",
+        "jaxpost.main",
+        "train",
+        f"--workdir={workdir}",
+        f"--config={REPO}/configs/{config}.py:smoke",
+        *COMMON,
+        *extra,
+    ]
 
 
 def _losses(workdir):
@@ -49,9 +58,12 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("config", ["sft", "dpo"])  # dpo: the precomputed reference too
+def test_two_processes_match_one_process(tmp_path, config):
     single = tmp_path / "single"
-    subprocess.run(_cli(single), env=_env(8), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cli(single, config=config), env=_env(8), check=True, capture_output=True, timeout=300
+    )
 
     multi = tmp_path / "multi"
     port = _free_port()

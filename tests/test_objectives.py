@@ -241,7 +241,7 @@ def test_rm_and_dpo_start_from_an_sft_workdir_and_precompute_the_reference_once(
     assert [os.path.getmtime(cache / f) for f in files] == stamps
 
     # The precomputed reference equals the frozen one.
-    ex, _ = pipeline.load_examples("builtin:reverse_prefs", "train", TOK, kind="pairs", seq_len=32)
+    ex, _ = pipeline.load_examples("builtin:sort_prefs", "train", TOK, kind="pairs", seq_len=32)
     stored = (
         np.load(cache / files[0])
         if np.load(cache / files[0]).shape[0] == len(ex)

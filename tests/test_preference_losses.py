@@ -306,3 +306,23 @@ def test_simpo_and_orpo_match_their_equations():
     ]
     np.testing.assert_allclose(per, want, rtol=1e-10)
     np.testing.assert_allclose(rr, 0.1 * pr / lr, rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", "sigmoid", "sft"])
+def test_padding_pairs_change_nothing(loss_type):
+    """A batch with padding pairs (mask False) gives the real pairs' losses, also when sorting."""
+    pc, pr, rc, rr, lc, lr = _inputs(7, n=4)
+    kw = {"beta": 0.2, "label_smoothing": 0.05 if loss_type.startswith("aot") else 0.0}
+    real, _, _ = _dpo(loss_type, pc[:3], pr[:3], rc[:3], rr[:3], lc[:3], lr[:3], **kw)
+    # Padding rows with extreme values that would sort first if not handled.
+    pad = np.array([-1e4])
+    padded = losses.dpo_loss(
+        *(jnp.asarray(np.concatenate([x[:3], pad])) for x in (pc, pr, rc, rr)),
+        loss_type=loss_type,
+        chosen_lengths=jnp.asarray(np.append(lc[:3], 0.0)),
+        rejected_lengths=jnp.asarray(np.append(lr[:3], 0.0)),
+        mask=jnp.array([True, True, True, False]),
+        **kw,
+    )[0]
+    assert float(padded[3]) == 0.0
+    np.testing.assert_allclose(np.asarray(padded[:3]), real, rtol=1e-10)

@@ -208,13 +208,16 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's batches `[accum, micro_batch, L]`.
 
-    Shuffles with `seed` (reshuffled every epoch); process `i` of `n` reads examples i, i+n, ...
-    of each epoch's order, so processes never overlap.
+    Shuffles with `seed` (reshuffled every epoch); process `i` of `n` reads positions i, i+n, ...
+    of each epoch's order (trimmed to a multiple of n), so processes never overlap.
     """
     if len(examples) < process_count:
         raise ValueError(f"{len(examples)} examples cannot be split over {process_count} processes")
     ds = grain.MapDataset.source(examples).shuffle(seed=seed)
-    ds = ds[process_index::process_count].repeat(None)
+    # Every process takes the same number of examples per epoch (the remainder of N/P is left
+    # out of that epoch), so their epochs stay aligned and never overlap.
+    per_process = len(examples) // process_count
+    ds = ds[: per_process * process_count][process_index::process_count].repeat(None)
     ds = ds.map(functools.partial(to_row, seq_len=seq_len))
     ds = ds.batch(accum_steps * micro_batch, drop_remainder=True)
     ds = ds.map(functools.partial(_split_accum, accum_steps=accum_steps))
@@ -225,21 +228,28 @@ def make_train_iterator(
 
 
 def make_eval_batches(
-    examples: list[Example],
+    examples: list,
     *,
     seq_len: int,
     micro_batch: int,
     process_index: int = 0,
     process_count: int = 1,
+    with_index: bool = False,
 ) -> list[dict[str, np.ndarray]]:
-    """The whole eval split once, in order, as `[1, micro_batch, L]` batches for this process.
+    """The whole eval split once, in order, as `[1, micro_batch, ...]` batches for this process.
 
     The last batch is padded with empty rows (no target tokens), so every example counts once.
+    `with_index` adds `example_index` (`-1` for padding rows).
     """
     rows = [to_row(ex, seq_len) for ex in examples]
+    if with_index:
+        for i, row in enumerate(rows):
+            row["example_index"] = np.int32(i)
     global_batch = micro_batch * process_count
     n_batches = -(-len(rows) // global_batch)
     empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
+    if with_index:
+        empty["example_index"] = np.int32(-1)
     rows += [empty] * (n_batches * global_batch - len(rows))
     batches = []
     for b in range(n_batches):

@@ -141,6 +141,39 @@ def reverse_prefs(split: str) -> list[dict]:
     ]
 
 
+def sort(split: str) -> list[dict]:
+    """Sort the letters of a random word: 'Sort: kqzt' -> 'kqtz' (held-out words in eval)."""
+    return [_chat(f"Sort: {w}", "".join(sorted(w))) for w in _words(split, "sort")]
+
+
+def _unsorted(answer: str, word: str, rng: random.Random) -> str:
+    """A plausible wrong sort: two neighbouring letters out of order, the letters as given, or
+    the order reversed. Always a different string with the same letters."""
+    candidates = [
+        answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+        for i in range(len(answer) - 1)
+        if answer[i] != answer[i + 1]
+    ]
+    kind = rng.randrange(4)
+    if kind < 2 and candidates:
+        return rng.choice(candidates)
+    if kind == 2 and word != answer:
+        return word
+    if answer[::-1] != answer:
+        return answer[::-1]
+    return candidates[0] if candidates else answer + answer[-1]
+
+
+def sort_prefs(split: str) -> list[dict]:
+    """Preference pairs for `sort`: the sorted letters vs a near miss."""
+    rng = random.Random(5 if split == "train" else 6)
+    out = []
+    for w in _words(split, "sort_prefs"):
+        answer = "".join(sorted(w))
+        out.append(_pair(f"Sort: {w}", answer, _unsorted(answer, w, rng)))
+    return out
+
+
 def arithmetic_prefs(split: str) -> list[dict]:
     """Preference pairs for `arithmetic`: the right sum vs a carry or off-by-one mistake."""
     rng = random.Random(4)
@@ -158,4 +191,6 @@ BUILTIN_TASKS = {
     "arithmetic_prefs": arithmetic_prefs,
     "reverse": reverse,
     "reverse_prefs": reverse_prefs,
+    "sort": sort,
+    "sort_prefs": sort_prefs,
 }
