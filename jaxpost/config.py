@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
         max_eval_examples=0,  # 0 = the whole eval split
         num_workers=0,  # grain worker processes; 0 = in the main process
         skip_invalid=False,  # skip (and count) invalid records instead of stopping
+        packing="none",  # none | first_fit | best_fit: several examples (or pairs) per row
+        max_segments_per_row=16,  # with packing: at most this many examples (pairs) per row
+        packing_bins=64,  # with packing: rows filled at a time (more = less padding)
     )
     c.objective = dict(
         name="sft",  # sft | rm | dpo

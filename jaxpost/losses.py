@@ -27,6 +27,8 @@ __all__ = [
     "sft_loss",
     "sft_loss_sum",
     "chunked_token_logps",
+    "segment_sum",
+    "segment_last",
     "reward_loss",
     "dpo_loss",
     "DPO_LOSSES",
@@ -59,6 +61,38 @@ def sequence_logps(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Ar
     """Masked sum of token log-probabilities per sequence, `[B]`."""
     logps_BL = token_logps(logits_BLV, targets_BL)
     return jnp.sum(jnp.where(mask_BL.astype(bool), logps_BL, 0.0), axis=-1)
+
+
+def segment_sum(values_BL: jax.Array, segment_ids_BL: jax.Array, num_segments: int) -> jax.Array:
+    """Per-segment sums `[B, S]` of a packed row: entry `[b, k]` sums the positions of row b
+    whose segment id is `k + 1`; segment id 0 (padding) and ids above `num_segments` are dropped.
+
+    With `values = token_logps * mask` this gives the log-prob of every packed sequence
+    (`S = 1` for unpacked rows, whose real tokens all have segment id 1).
+    """
+    B, L = values_BL.shape
+    seg = segment_ids_BL.astype(jnp.int32) - 1
+    keep = (seg >= 0) & (seg < num_segments)
+    flat = jnp.where(keep, jnp.arange(B)[:, None] * num_segments + seg, B * num_segments)
+    sums = jax.ops.segment_sum(
+        jnp.where(keep, values_BL, 0).ravel(), flat.ravel(), num_segments=B * num_segments + 1
+    )
+    return sums[: B * num_segments].reshape(B, num_segments)
+
+
+def segment_last(values_BL: jax.Array, segment_ids_BL: jax.Array, num_segments: int) -> jax.Array:
+    """`[B, S]`: each segment's value at its last position (0 where a segment is absent)."""
+    B, L = values_BL.shape
+    pos_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    seg = segment_ids_BL.astype(jnp.int32) - 1
+    keep = (seg >= 0) & (seg < num_segments)
+    flat = jnp.where(keep, jnp.arange(B)[:, None] * num_segments + seg, B * num_segments)
+    last = jax.ops.segment_max(
+        jnp.where(keep, pos_BL, -1).ravel(), flat.ravel(), num_segments=B * num_segments + 1
+    )[: B * num_segments].reshape(B, num_segments)
+    present = last >= 0
+    gathered = jnp.take_along_axis(values_BL, jnp.maximum(last, 0), axis=1)
+    return jnp.where(present, gathered, jnp.zeros((), values_BL.dtype))
 
 
 def sft_loss_sum(

@@ -443,7 +443,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Checks: config, mesh, batch layout, model, workdirs -- before reading data or compiling.
     config_lib.check_config(config)
     model_config = model_lib.Config(**config.model)
-    objective = objectives.make_objective(config.objective, model_config)
+    packing = _packing(config)
+    objective = objectives.make_objective(
+        config.objective, model_config, segments_per_row=packing["segments_per_row"]
+    )
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_model_fits_mesh(model_config, mesh)
     layout = batch_layout(config, mesh)
@@ -507,6 +510,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 micro_batch=eval_micro,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
+                **packing,
             )
             if eval_examples
             else []
@@ -565,9 +569,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return summary
 
 
+def _packing(config) -> dict[str, Any]:
+    packing = config.data.packing
+    if packing not in pipeline.PACKINGS:
+        raise ValueError(f"config.data.packing={packing!r} is not one of {pipeline.PACKINGS}")
+    segments = int(config.data.max_segments_per_row) if packing != "none" else 1
+    if segments < 1:
+        raise ValueError("config.data.max_segments_per_row must be at least 1")
+    return {
+        "packing": packing,
+        "segments_per_row": segments,
+        "packing_bins": int(config.data.packing_bins),
+    }
+
+
 def _train_iterator(config, examples, layout):
     return pipeline.make_train_iterator(
         examples,
+        **_packing(config),
         seq_len=int(config.data.seq_len),
         micro_batch=layout.local_micro_batch,
         accum_steps=layout.accum_steps,
@@ -588,7 +607,8 @@ def _precompute_reference(config, objective, params, train_examples, eval_exampl
 
     def logps_fn(p, batch):  # [1, B, 2, L] -> [1, B, 2]
         micro = jax.tree.map(lambda x: x[0], batch)
-        return dpo.pair_logps(p, micro, model=objective.model)[0][None]
+        chosen, rejected = dpo.pair_logps(p, micro, model=objective.model)[0]
+        return jnp.stack([chosen, rejected], axis=-1)[None]
 
     out = []
     for name, examples in (("train", train_examples), ("eval", eval_examples)):

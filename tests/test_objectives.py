@@ -187,8 +187,10 @@ def test_rm_objective_equals_reward_loss():
     micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
     from jaxpost.objectives import rm
 
-    rewards = rm.pair_rewards(params, micro, model=objective.model)
-    want = losses.reward_loss(rewards[:, 0], rewards[:, 1], center_rewards_coefficient=0.01)
+    rc, rr, valid = rm.pair_rewards(params, micro, model=objective.model)
+    assert bool(valid.all())
+    rewards = jnp.stack([rc, rr], axis=-1)
+    want = losses.reward_loss(rc, rr, center_rewards_coefficient=0.01)
     terms, aux = objective.loss_fn(params, micro, None)
     denoms = objective.denominators(micro)
     got = sum(float(terms[k]) / float(denoms[k]) for k in terms)

@@ -21,6 +21,8 @@ from jaxpost.data.tokenizer import ByteTokenizer
 
 SFT_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 TRUNCATIONS = ("keep_start", "keep_end", "drop")
+PACKINGS = ("none", "first_fit", "best_fit")
+_SEQ_FEATURES = ("inputs", "targets", "loss_mask")
 
 
 @dataclasses.dataclass
@@ -180,14 +182,14 @@ def to_row(ex: Example | PairExample, seq_len: int) -> dict[str, np.ndarray]:
     """One example as fixed-length arrays; position t predicts `targets[t]` from `inputs[:t+1]`.
 
     A `PairExample` gives `[2, seq_len]` arrays (chosen, rejected) and, when present,
-    `ref_logps` `[2]`.
+    `ref_logps` `[1, 2]` (one segment).
     """
     if isinstance(ex, Example):
         return _sequence_row(ex, seq_len)
     c, r = _sequence_row(ex.chosen, seq_len), _sequence_row(ex.rejected, seq_len)
     row = {k: np.stack([c[k], r[k]]) for k in SFT_KEYS}
     if ex.ref_logps is not None:
-        row["ref_logps"] = np.asarray(ex.ref_logps, np.float32)
+        row["ref_logps"] = np.asarray(ex.ref_logps, np.float32).reshape(1, 2)  # [S=1, 2]
     return row
 
 
@@ -195,8 +197,74 @@ def _split_accum(batch: dict[str, np.ndarray], accum_steps: int) -> dict[str, np
     return {k: v.reshape(accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
+def _features(ex) -> dict[str, np.ndarray]:
+    """Variable-length features of one example, for grain's packers (pairs: chosen_*/rejected_*
+    packed side by side, so segment k of both rows is the same pair)."""
+
+    def seq(e: Example, prefix: str = "") -> dict[str, np.ndarray]:
+        return {
+            prefix + "inputs": e.ids[:-1],
+            prefix + "targets": e.ids[1:],
+            prefix + "loss_mask": e.mask[1:],
+        }
+
+    if isinstance(ex, Example):
+        return seq(ex)
+    out = {**seq(ex.chosen, "chosen_"), **seq(ex.rejected, "rejected_")}
+    if ex.ref_logps is not None:
+        out["ref_logps"] = np.asarray(ex.ref_logps, np.float32).reshape(1, 2)
+    return out
+
+
+def _packed_row(packed: dict[str, np.ndarray], pairs: bool) -> dict[str, np.ndarray]:
+    def seq(prefix: str = "") -> dict[str, np.ndarray]:
+        row = {k: packed[prefix + k].astype(np.int32) for k in _SEQ_FEATURES}
+        row["segment_ids"] = packed[prefix + "inputs_segment_ids"].astype(np.int32)
+        row["positions"] = packed[prefix + "inputs_positions"].astype(np.int32)
+        return row
+
+    if not pairs:
+        return seq()
+    c, r = seq("chosen_"), seq("rejected_")
+    row = {k: np.stack([c[k], r[k]]) for k in SFT_KEYS}
+    if "ref_logps" in packed:
+        row["ref_logps"] = packed["ref_logps"].astype(np.float32)  # [S, 2]
+    return row
+
+
+def _pack(
+    ds: grain.IterDataset,
+    example,
+    *,
+    seq_len: int,
+    packing: str,
+    segments: int,
+    bins: int,
+    seed: int,
+) -> grain.IterDataset:
+    """Pack variable-length examples into rows of `seq_len` (at most `segments` per row)."""
+    pairs = isinstance(example, PairExample)
+    lengths = {k: seq_len for k in _features(example) if k != "ref_logps"}
+    if "ref_logps" in _features(example):
+        lengths["ref_logps"] = segments
+    cls = {
+        "first_fit": grain.experimental.FirstFitPackIterDataset,
+        "best_fit": grain.experimental.BestFitPackIterDataset,
+    }[packing]
+    ds = ds.map(_features)
+    ds = cls(
+        ds,
+        length_struct=lengths,
+        num_packing_bins=bins,
+        seed=seed,
+        shuffle_bins=True,
+        max_sequences_per_bin=segments,
+    )
+    return ds.map(functools.partial(_packed_row, pairs=pairs))
+
+
 def make_train_iterator(
-    examples: list[Example],
+    examples: list,
     *,
     seq_len: int,
     micro_batch: int,
@@ -205,26 +273,60 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
+    packing: str = "none",
+    segments_per_row: int = 1,
+    packing_bins: int = 64,
 ) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of this process's batches `[accum, micro_batch, L]`.
+    """An endless, checkpointable iterator of this process's batches `[accum, micro_batch, ...]`.
 
     Shuffles with `seed` (reshuffled every epoch); process `i` of `n` reads positions i, i+n, ...
-    of each epoch's order (trimmed to a multiple of n), so processes never overlap.
+    of each epoch's order (trimmed to a multiple of n), so processes never overlap. With
+    `packing` ("first_fit" / "best_fit"), several examples share a row (each its own segment,
+    positions restarting), `packing_bins` rows being filled at a time.
     """
     if len(examples) < process_count:
         raise ValueError(f"{len(examples)} examples cannot be split over {process_count} processes")
+    if packing not in PACKINGS:
+        raise ValueError(f"config.data.packing={packing!r} is not one of {PACKINGS}")
     ds = grain.MapDataset.source(examples).shuffle(seed=seed)
     # Every process takes the same number of examples per epoch (the remainder of N/P is left
     # out of that epoch), so their epochs stay aligned and never overlap.
     per_process = len(examples) // process_count
     ds = ds[: per_process * process_count][process_index::process_count].repeat(None)
-    ds = ds.map(functools.partial(to_row, seq_len=seq_len))
+    if packing == "none":
+        ds = ds.map(functools.partial(to_row, seq_len=seq_len)).to_iter_dataset()
+    else:
+        ds = _pack(
+            ds.to_iter_dataset(),
+            examples[0],
+            seq_len=seq_len,
+            packing=packing,
+            segments=segments_per_row,
+            bins=packing_bins,
+            seed=seed,
+        )
     ds = ds.batch(accum_steps * micro_batch, drop_remainder=True)
     ds = ds.map(functools.partial(_split_accum, accum_steps=accum_steps))
-    it_ds = ds.to_iter_dataset()
     if num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(it_ds)
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ds)
+
+
+def pack_examples(
+    examples: list, *, seq_len: int, packing: str, segments_per_row: int, packing_bins: int = 64
+) -> list[dict[str, np.ndarray]]:
+    """All `examples` once, in order, packed into rows (for evaluation)."""
+    ds = grain.MapDataset.source(examples).to_iter_dataset()
+    ds = _pack(
+        ds,
+        examples[0],
+        seq_len=seq_len,
+        packing=packing,
+        segments=segments_per_row,
+        bins=packing_bins,
+        seed=0,
+    )
+    return list(ds)
 
 
 def make_eval_batches(
@@ -235,13 +337,27 @@ def make_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     with_index: bool = False,
+    packing: str = "none",
+    segments_per_row: int = 1,
+    packing_bins: int = 64,
 ) -> list[dict[str, np.ndarray]]:
     """The whole eval split once, in order, as `[1, micro_batch, ...]` batches for this process.
 
     The last batch is padded with empty rows (no target tokens), so every example counts once.
-    `with_index` adds `example_index` (`-1` for padding rows).
+    `with_index` adds `example_index` (`-1` for padding rows; unpacked rows only).
     """
-    rows = [to_row(ex, seq_len) for ex in examples]
+    if packing != "none":
+        if with_index:
+            raise ValueError("example_index needs unpacked rows")
+        rows = pack_examples(
+            examples,
+            seq_len=seq_len,
+            packing=packing,
+            segments_per_row=segments_per_row,
+            packing_bins=packing_bins,
+        )
+    else:
+        rows = [to_row(ex, seq_len) for ex in examples]
     if with_index:
         for i, row in enumerate(rows):
             row["example_index"] = np.int32(i)

@@ -11,6 +11,9 @@ Contract (what `jaxpost.train` relies on):
     accumulation and multi-host training equal one large batch (e.g. SFT divides by the target
     tokens of all micro-batches, not by each micro-batch's own count).
   * `frozen` carries what is not trained (a DPO reference's params), or None.
+  * Rows may be packed: `segment_ids` number the sequences of a row 1..k (0 = padding); for
+    pairs, segment k of the chosen row and segment k of the rejected row are one pair, and
+    precomputed reference log-probs come as `ref_logps [..., S, 2]`.
 Hyperparameters are bound when the objective is made (`functools.partial`), never read from the
 config inside the loss.
 """
@@ -36,36 +39,42 @@ class Objective:
     reference: str = "none"  # "none", "frozen" (params passed as `frozen`), "precomputed"
 
 
-def _make_sft(config, model_config):
+def _make_sft(config, model_config, segments):
     from jaxpost.objectives import sft
 
-    return sft.make(config, model_config)
+    return sft.make(config, model_config, segments)
 
 
-def _make_rm(config, model_config):
+def _make_rm(config, model_config, segments):
     from jaxpost.objectives import rm
 
-    return rm.make(config, model_config)
+    return rm.make(config, model_config, segments)
 
 
-def _make_dpo(config, model_config):
+def _make_dpo(config, model_config, segments):
     from jaxpost.objectives import dpo
 
-    return dpo.make(config, model_config)
+    return dpo.make(config, model_config, segments)
 
 
-REGISTRY: dict[str, Callable[[Any, model_lib.Config], Objective]] = {
+REGISTRY: dict[str, Callable[[Any, model_lib.Config, int], Objective]] = {
     "sft": _make_sft,
     "rm": _make_rm,
     "dpo": _make_dpo,
 }
 
 
-def make_objective(objective_config: Mapping[str, Any], model_config) -> Objective:
-    """Build the objective named by `config.objective.name` for a model `Config`."""
+def make_objective(
+    objective_config: Mapping[str, Any], model_config, *, segments_per_row: int = 1
+) -> Objective:
+    """Build the objective named by `config.objective.name` for a model `Config`.
+
+    `segments_per_row` bounds how many sequences (SFT) or pairs (RM, DPO) one packed row holds;
+    1 for unpacked rows.
+    """
     name = objective_config["name"]
     if name not in REGISTRY:
         raise ValueError(f"config.objective.name={name!r} is not one of {sorted(REGISTRY)}")
     if isinstance(model_config, nn.Module):  # accept a Decoder for convenience
         model_config = model_config.config
-    return REGISTRY[name](objective_config, model_config)
+    return REGISTRY[name](objective_config, model_config, int(segments_per_row))

@@ -16,63 +16,73 @@ import jax.numpy as jnp
 
 from jaxpost import losses
 from jaxpost import model as model_lib
+from jaxpost.objectives import _pairs
 
 REFERENCES = ("frozen", "precomputed")
 
 
-def pair_logps(params, batch, *, model):
-    """`(logps [B, 2], completion lengths [B, 2], summed mean-logits [B, 2])`."""
-    B, P, L = batch["inputs"].shape
-    flat = {
-        k: batch[k].reshape(B * P, L)
-        for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")
-    }
+def pair_logps(params, batch, *, model, segments=1):
+    """Per pair `[B*S]`: `(logps, lengths, summed mean-logits)` as `(chosen, rejected)` tuples,
+    and the `[B*S]` mask of real pairs. Each packed segment is one sequence."""
+    B = batch["inputs"].shape[0]
+    flat = _pairs.flatten_pairs(batch)
     logits_NLV = model.apply(
         {"params": params}, flat["inputs"], flat["positions"], flat["segment_ids"]
     )
     mask_NL = flat["loss_mask"] > 0
+    seg_NL = flat["segment_ids"]
     token_NL = losses.token_logps(logits_NLV, flat["targets"])
-    logps_N = jnp.sum(jnp.where(mask_NL, token_NL, 0.0), axis=-1)
     mean_logits_NL = jnp.mean(logits_NLV.astype(jnp.float32), axis=-1)
-    logit_sums_N = jnp.sum(jnp.where(mask_NL, mean_logits_NL, 0.0), axis=-1)
-    lengths_N = jnp.sum(mask_NL, axis=-1)
-    return logps_N.reshape(B, P), lengths_N.reshape(B, P), logit_sums_N.reshape(B, P)
+
+    def per_pair(values_NL):
+        return _pairs.per_pair(
+            losses.segment_sum(jnp.where(mask_NL, values_NL, 0.0), seg_NL, segments), B
+        )
+
+    return (
+        per_pair(token_NL),
+        per_pair(mask_NL.astype(jnp.float32)),
+        per_pair(mean_logits_NL),
+        _pairs.pair_mask(batch, segments),
+    )
 
 
-def loss_fn(params, batch, frozen, *, model, reference, loss_types, loss_weights, dpo_kwargs):
-    policy_BP, lengths_BP, logit_sums_BP = pair_logps(params, batch, model=model)
+def loss_fn(
+    params, batch, frozen, *, model, segments, reference, loss_types, loss_weights, dpo_kwargs
+):
+    (pc, pr), (lc, lr), (mc, mr), valid = pair_logps(params, batch, model=model, segments=segments)
     if reference == "frozen":
-        ref_BP = jax.lax.stop_gradient(pair_logps(frozen, batch, model=model)[0])
+        rc, rr = jax.lax.stop_gradient(pair_logps(frozen, batch, model=model, segments=segments)[0])
     else:
-        ref_BP = batch["ref_logps"].astype(policy_BP.dtype)
-    valid_B = (batch["segment_ids"] > 0).any(axis=(1, 2))  # padding pairs in eval batches
-    n_pairs = jnp.sum(valid_B)
-    lc, lr = lengths_BP[:, 0], lengths_BP[:, 1]
+        ref_BS2 = batch["ref_logps"].astype(pc.dtype)  # [B, S, 2]
+        rc, rr = ref_BS2[..., 0].reshape(-1), ref_BS2[..., 1].reshape(-1)
+    n_pairs = jnp.sum(valid)
     terms = {}
     pref = [(t, w) for t, w in zip(loss_types, loss_weights, strict=True) if t != "sft"]
     if pref:
-        per_B, rew_c, rew_r = losses.dpo_loss(
-            policy_BP[:, 0],
-            policy_BP[:, 1],
-            ref_BP[:, 0],
-            ref_BP[:, 1],
+        per_pair, rew_c, rew_r = losses.dpo_loss(
+            pc,
+            pr,
+            rc,
+            rr,
             loss_type=[t for t, _ in pref],
             loss_weights=[w for _, w in pref],
             chosen_lengths=lc,
             rejected_lengths=lr,
+            mask=valid,
             **dpo_kwargs,
         )
-        terms["pairs"] = jnp.sum(jnp.where(valid_B, per_B, 0.0))
+        terms["pairs"] = jnp.sum(per_pair)  # padding pairs are already zero
     else:
-        rew_c = dpo_kwargs["beta"] * (policy_BP[:, 0] - ref_BP[:, 0])
-        rew_r = dpo_kwargs["beta"] * (policy_BP[:, 1] - ref_BP[:, 1])
+        rew_c = dpo_kwargs["beta"] * (pc - rc)
+        rew_r = dpo_kwargs["beta"] * (pr - rr)
     if "sft" in loss_types:
         # The token-mean NLL of the chosen completions over the whole batch (TRL's "sft").
         w = loss_weights[list(loss_types).index("sft")]
-        terms["sft"] = -w * jnp.sum(jnp.where(valid_B, policy_BP[:, 0], 0.0))
+        terms["sft"] = -w * jnp.sum(jnp.where(valid, pc, 0.0))
 
-    def pair_mean(x_B):
-        return jnp.sum(jnp.where(valid_B, x_B, 0.0)), n_pairs
+    def pair_mean(x):
+        return jnp.sum(jnp.where(valid, x, 0.0)), n_pairs
 
     aux = {
         "metrics": {
@@ -80,10 +90,10 @@ def loss_fn(params, batch, frozen, *, model, reference, loss_types, loss_weights
             "rewards/rejected": pair_mean(rew_r),
             "rewards/margins": pair_mean(rew_c - rew_r),
             "rewards/accuracies": pair_mean((rew_c > rew_r).astype(jnp.float32)),
-            "logps/chosen": pair_mean(policy_BP[:, 0]),
-            "logps/rejected": pair_mean(policy_BP[:, 1]),
-            "logits/chosen": (jnp.sum(logit_sums_BP[:, 0]), jnp.sum(lc)),
-            "logits/rejected": (jnp.sum(logit_sums_BP[:, 1]), jnp.sum(lr)),
+            "logps/chosen": pair_mean(pc),
+            "logps/rejected": pair_mean(pr),
+            "logits/chosen": (jnp.sum(mc), jnp.sum(lc)),
+            "logits/rejected": (jnp.sum(mr), jnp.sum(lr)),
         },
         "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
     }
@@ -93,7 +103,7 @@ def loss_fn(params, batch, frozen, *, model, reference, loss_types, loss_weights
 def denominators(batch, *, loss_types):
     out = {}
     if any(t != "sft" for t in loss_types):
-        out["pairs"] = jnp.sum((batch["segment_ids"] > 0).any(axis=(-1, -2)))
+        out["pairs"] = _pairs.count_pairs(batch)
     if "sft" in loss_types:
         out["sft"] = jnp.sum(batch["loss_mask"][..., 0, :] > 0)
     return out
@@ -113,7 +123,7 @@ def parse_loss_types(objective_config) -> tuple[tuple[str, ...], tuple[float, ..
     return types, weights
 
 
-def make(objective_config, model_config):
+def make(objective_config, model_config, segments=1):
     from jaxpost.objectives import Objective
 
     reference = objective_config["reference"]
@@ -152,6 +162,7 @@ def make(objective_config, model_config):
         loss_fn=functools.partial(
             loss_fn,
             model=model,
+            segments=segments,
             reference=reference,
             loss_types=types,
             loss_weights=weights,

@@ -11,53 +11,55 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpost import losses
 from jaxpost import model as model_lib
+from jaxpost.objectives import _pairs
 
 
-def pair_rewards(params, batch, *, model):
-    """Rewards `[B, 2]` read at the last real token of each sequence."""
-    B, P, L = batch["inputs"].shape
-    flat = {k: batch[k].reshape(B * P, L) for k in ("inputs", "positions", "segment_ids")}
+def pair_rewards(params, batch, *, model, segments=1):
+    """`(chosen, rejected)` rewards `[B*S]`, read at the last real token of each sequence
+    (each packed segment), and the `[B*S]` mask of real pairs."""
+    B = batch["inputs"].shape[0]
+    flat = _pairs.flatten_pairs(batch)
     scores_NL = model.apply(
         {"params": params}, flat["inputs"], flat["positions"], flat["segment_ids"]
     )
-    return model_lib.last_token_values(scores_NL, flat["segment_ids"]).reshape(B, P)
+    last_NS = losses.segment_last(scores_NL, flat["segment_ids"], segments)
+    rc, rr = _pairs.per_pair(last_NS, B)
+    return rc, rr, _pairs.pair_mask(batch, segments)
 
 
-def loss_fn(params, batch, frozen, *, model, center_rewards_coefficient):
+def loss_fn(params, batch, frozen, *, model, segments, center_rewards_coefficient):
     del frozen
-    rewards_BP = pair_rewards(params, batch, model=model)
-    valid_B = (batch["segment_ids"] > 0).any(axis=(1, 2))  # padding pairs in eval batches
-    n_pairs = jnp.sum(valid_B)
-    rc, rr = rewards_BP[:, 0], rewards_BP[:, 1]
+    rc, rr, valid = pair_rewards(params, batch, model=model, segments=segments)
+    n_pairs = jnp.sum(valid)
     # Per-pair terms of losses.reward_loss, summed so the loop normalises by all pairs of the batch.
-    nll_B = -jax.nn.log_sigmoid(rc - rr)
-    terms = {"pairs": jnp.sum(jnp.where(valid_B, nll_B, 0.0))}
+    terms = {"pairs": jnp.sum(jnp.where(valid, -jax.nn.log_sigmoid(rc - rr), 0.0))}
     if center_rewards_coefficient:
         terms["center"] = center_rewards_coefficient * jnp.sum(
-            jnp.where(valid_B, (rc + rr) ** 2, 0.0)
+            jnp.where(valid, (rc + rr) ** 2, 0.0)
         )
-    flat_valid = jnp.repeat(valid_B, 2)
-    flat_rewards = rewards_BP.reshape(-1)
+    both = jnp.concatenate([rc, rr])
+    both_valid = jnp.concatenate([valid, valid])
     aux = {
         "metrics": {
-            "accuracy": (jnp.sum(valid_B & (rc > rr)), n_pairs),
-            "margin": (jnp.sum(jnp.where(valid_B, rc - rr, 0.0)), n_pairs),
-            "mean_reward": (jnp.sum(jnp.where(flat_valid, flat_rewards, 0.0)), 2 * n_pairs),
+            "accuracy": (jnp.sum(valid & (rc > rr)), n_pairs),
+            "margin": (jnp.sum(jnp.where(valid, rc - rr, 0.0)), n_pairs),
+            "mean_reward": (jnp.sum(jnp.where(both_valid, both, 0.0)), 2 * n_pairs),
         },
         "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
-        "minima": {"min_reward": jnp.min(jnp.where(flat_valid, flat_rewards, jnp.inf))},
-        "maxima": {"max_reward": jnp.max(jnp.where(flat_valid, flat_rewards, -jnp.inf))},
+        "minima": {"min_reward": jnp.min(jnp.where(both_valid, both, jnp.inf))},
+        "maxima": {"max_reward": jnp.max(jnp.where(both_valid, both, -jnp.inf))},
     }
     return terms, aux
 
 
 def denominators(batch, *, center):
-    n_pairs = jnp.sum((batch["segment_ids"] > 0).any(axis=(-1, -2)))
+    n_pairs = _pairs.count_pairs(batch)
     return {"pairs": n_pairs, **({"center": n_pairs} if center else {})}
 
 
-def make(objective_config, model_config):
+def make(objective_config, model_config, segments=1):
     from jaxpost.objectives import Objective
 
     model = model_lib.RewardModel(model_config)
@@ -67,6 +69,8 @@ def make(objective_config, model_config):
         name="rm",
         model=model,
         data_kind="pairs",
-        loss_fn=functools.partial(loss_fn, model=model, center_rewards_coefficient=center),
+        loss_fn=functools.partial(
+            loss_fn, model=model, segments=segments, center_rewards_coefficient=center
+        ),
         denominators=functools.partial(denominators, center=bool(center)),
     )

@@ -10,7 +10,7 @@ from jaxpost import losses
 from jaxpost import model as model_lib
 
 
-def loss_fn(params, batch, frozen, *, model):
+def loss_fn(params, batch, frozen, *, model, segments):
     """`({"nll": sum}, aux)` for one micro-batch; see `jaxpost.objectives` for the contract."""
     del frozen
     logits_BLV = model.apply(
@@ -19,13 +19,15 @@ def loss_fn(params, batch, frozen, *, model):
     targets_BL, mask_BL = batch["targets"], batch["loss_mask"].astype(bool)
     nll_sum, n_targets = losses.sft_loss_sum(logits_BLV, targets_BL, mask_BL)
     correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL) & mask_BL
-    # A row is an exact match when greedy decoding would reproduce every target token.
-    has_targets_B = mask_BL.any(axis=-1)
-    exact_B = has_targets_B & ~jnp.any(mask_BL & ~correct_BL, axis=-1)
+    # A sequence is an exact match when greedy decoding would reproduce every target token.
+    seg_BL = batch["segment_ids"]
+    wrong_BS = losses.segment_sum(mask_BL & ~correct_BL, seg_BL, segments)
+    has_targets_BS = losses.segment_sum(mask_BL, seg_BL, segments) > 0
+    exact_BS = has_targets_BS & (wrong_BS == 0)
     aux = {
         "metrics": {
             "accuracy": (jnp.sum(correct_BL), n_targets),
-            "exact_match": (jnp.sum(exact_B), jnp.sum(has_targets_B)),
+            "exact_match": (jnp.sum(exact_BS), jnp.sum(has_targets_BS)),
         },
         "totals": {
             "num_tokens": jnp.sum(batch["segment_ids"] > 0),
@@ -39,7 +41,7 @@ def denominators(batch):
     return {"nll": jnp.sum(batch["loss_mask"] > 0)}
 
 
-def make(objective_config, model_config):
+def make(objective_config, model_config, segments=1):
     from jaxpost.objectives import Objective
 
     model = model_lib.Decoder(model_config)
@@ -47,6 +49,6 @@ def make(objective_config, model_config):
         name="sft",
         model=model,
         data_kind="sft",
-        loss_fn=functools.partial(loss_fn, model=model),
+        loss_fn=functools.partial(loss_fn, model=model, segments=segments),
         denominators=denominators,
     )
