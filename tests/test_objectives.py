@@ -150,9 +150,11 @@ def test_dpo_objective_matches_the_loss_library_on_independent_log_probs():
     params = params["params"]
     ref = jax.tree.map(lambda x: x * 0.9, params)
 
+    apply = jax.jit(model.apply)  # compiled once per distinct sequence length
+
     def seq_logps(p, ex):  # one sequence at a time, no padding: an independent computation
         ids = jnp.asarray(ex.ids)[None]
-        logits = model.apply({"params": p}, ids[:, :-1])
+        logits = apply({"params": p}, ids[:, :-1])
         lp = np.asarray(losses.token_logps(logits, ids[:, 1:]))[0]
         return float((lp * ex.mask[1:]).sum()), float(ex.mask[1:].sum())
 
