@@ -27,6 +27,8 @@ __all__ = [
     "sft_loss",
     "sft_loss_sum",
     "chunked_token_logps",
+    "token_stats",
+    "chunked_token_stats",
     "segment_sum",
     "segment_last",
     "reward_loss",
@@ -120,18 +122,27 @@ def sft_loss(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array) -
     return nll_sum / jnp.maximum(count, 1.0)
 
 
-def chunked_token_logps(
+def token_stats(logits_BLV: jax.Array, targets_BL: jax.Array):
+    """`(token_logps, is_top1, mean_logits)`, each `[B, L]`: the log-prob of each target, whether
+    it is the argmax (greedy decoding would emit it), and the mean logit over the vocabulary."""
+    logps_BL = token_logps(logits_BLV, targets_BL)
+    is_top1_BL = jnp.argmax(logits_BLV, axis=-1) == targets_BL
+    mean_BL = jnp.mean(logits_BLV.astype(_compute_dtype(logits_BLV.dtype)), axis=-1)
+    return logps_BL, is_top1_BL, mean_BL
+
+
+def chunked_token_stats(
     hidden_BLD: jax.Array,
     unembed_DV: jax.Array,
     targets_BL: jax.Array,
     *,
     chunk_size: int = 256,
-) -> jax.Array:
-    """`token_logps(hidden @ unembed, targets)` without materialising `[B, L, V]` logits.
+):
+    """`token_stats(hidden @ unembed, targets)` without materialising `[B, L, V]` logits.
 
     The sequence is processed in chunks of `chunk_size` positions under `jax.checkpoint`, so the
     forward and backward passes hold at most `[B, chunk_size, V]` logits at a time. Results equal
-    `token_logps` on the full logits up to float rounding.
+    the full computation up to float rounding.
 
     Args:
       hidden_BLD: final hidden states (after the last norm) `[B, L, D]`.
@@ -149,13 +160,24 @@ def chunked_token_logps(
     targets_nBC = targets_BL.reshape(B, n_chunks, chunk_size).swapaxes(0, 1)
 
     @jax.checkpoint
-    def chunk_logps(args):
+    def chunk_stats(args):
         h_BCD, t_BC = args
-        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV)
-        return token_logps(logits_BCV, t_BC)
+        return token_stats(jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV), t_BC)
 
-    logps_nBC = jax.lax.map(chunk_logps, (hidden_nBCD, targets_nBC))
-    return logps_nBC.swapaxes(0, 1).reshape(B, n_chunks * chunk_size)[:, :L]
+    stats = jax.lax.map(chunk_stats, (hidden_nBCD, targets_nBC))
+    return tuple(x.swapaxes(0, 1).reshape(B, n_chunks * chunk_size)[:, :L] for x in stats)
+
+
+def chunked_token_logps(
+    hidden_BLD: jax.Array,
+    unembed_DV: jax.Array,
+    targets_BL: jax.Array,
+    *,
+    chunk_size: int = 256,
+) -> jax.Array:
+    """`token_logps(hidden @ unembed, targets)` without materialising `[B, L, V]` logits
+    (see `chunked_token_stats`)."""
+    return chunked_token_stats(hidden_BLD, unembed_DV, targets_BL, chunk_size=chunk_size)[0]
 
 
 # --- reward modeling -----------------------------------------------------------------------------

@@ -607,7 +607,12 @@ def _precompute_reference(config, objective, params, train_examples, eval_exampl
 
     def logps_fn(p, batch):  # [1, B, 2, L] -> [1, B, 2]
         micro = jax.tree.map(lambda x: x[0], batch)
-        chosen, rejected = dpo.pair_logps(p, micro, model=objective.model)[0]
+        chosen, rejected = dpo.pair_logps(
+            p,
+            micro,
+            model=objective.model,
+            logits_chunk=int(config.objective.logits_chunk_size),
+        )[0]
         return jnp.stack([chosen, rejected], axis=-1)[None]
 
     out = []

@@ -281,3 +281,45 @@ def test_bad_objective_settings_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="objective.reference='copy'"):
         train_lib.train(cfg("dpo", **{"objective.reference": "copy"}), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_chunked_logits_give_the_same_losses_metrics_and_gradients(name):
+    """objective.logits_chunk_size > 0 never builds [B, L, V] logits and changes nothing."""
+    full = cfg(name, **({"objective.reference": "frozen"} if name == "dpo" else {}))
+    chunked = cfg(
+        name,
+        **{
+            "objective.logits_chunk_size": 8,
+            **({"objective.reference": "frozen"} if name == "dpo" else {}),
+        },
+    )
+    kind = "pairs" if name == "dpo" else "sft"
+    examples, _ = pipeline.load_examples(
+        full.data.train_path, "train", TOK, kind=kind, seq_len=32, max_examples=6
+    )
+    rows = [pipeline.to_row(e, 32) for e in examples]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    results = []
+    for config in (full, chunked):
+        objective = objectives.make_objective(config.objective, model_lib.Config(**config.model))
+        params = sharding.strip_boxes(
+            objective.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+        )["params"]
+        frozen = jax.tree.map(lambda x: x * 0.9, params) if name == "dpo" else None
+
+        def loss(p, objective=objective, frozen=frozen):
+            terms, aux = objective.loss_fn(p, batch, frozen)
+            return sum(terms.values()), aux
+
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        results.append((value, aux, grads))
+    (v0, a0, g0), (v1, a1, g1) = results
+    assert float(v1) == pytest.approx(float(v0), rel=1e-5)
+    for (k, (s0, c0)), (_, (s1, c1)) in zip(
+        a0["metrics"].items(), a1["metrics"].items(), strict=True
+    ):
+        assert float(s1) == pytest.approx(float(s0), rel=1e-4, abs=1e-5), k
+        assert float(c1) == float(c0), k
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)

@@ -16,23 +16,27 @@ import jax.numpy as jnp
 
 from jaxpost import losses
 from jaxpost import model as model_lib
-from jaxpost.objectives import _pairs
+from jaxpost.objectives import _pairs, _tokens
 
 REFERENCES = ("frozen", "precomputed")
 
 
-def pair_logps(params, batch, *, model, segments=1):
+def pair_logps(params, batch, *, model, segments=1, logits_chunk=0):
     """Per pair `[B*S]`: `(logps, lengths, summed mean-logits)` as `(chosen, rejected)` tuples,
     and the `[B*S]` mask of real pairs. Each packed segment is one sequence."""
     B = batch["inputs"].shape[0]
     flat = _pairs.flatten_pairs(batch)
-    logits_NLV = model.apply(
-        {"params": params}, flat["inputs"], flat["positions"], flat["segment_ids"]
+    token_NL, _, mean_logits_NL = _tokens.token_stats(
+        params,
+        model,
+        flat["inputs"],
+        flat["positions"],
+        flat["segment_ids"],
+        flat["targets"],
+        logits_chunk,
     )
     mask_NL = flat["loss_mask"] > 0
     seg_NL = flat["segment_ids"]
-    token_NL = losses.token_logps(logits_NLV, flat["targets"])
-    mean_logits_NL = jnp.mean(logits_NLV.astype(jnp.float32), axis=-1)
 
     def per_pair(values_NL):
         return _pairs.per_pair(
@@ -48,11 +52,22 @@ def pair_logps(params, batch, *, model, segments=1):
 
 
 def loss_fn(
-    params, batch, frozen, *, model, segments, reference, loss_types, loss_weights, dpo_kwargs
+    params,
+    batch,
+    frozen,
+    *,
+    model,
+    segments,
+    logits_chunk,
+    reference,
+    loss_types,
+    loss_weights,
+    dpo_kwargs,
 ):
-    (pc, pr), (lc, lr), (mc, mr), valid = pair_logps(params, batch, model=model, segments=segments)
+    kw = dict(model=model, segments=segments, logits_chunk=logits_chunk)
+    (pc, pr), (lc, lr), (mc, mr), valid = pair_logps(params, batch, **kw)
     if reference == "frozen":
-        rc, rr = jax.lax.stop_gradient(pair_logps(frozen, batch, model=model, segments=segments)[0])
+        rc, rr = jax.lax.stop_gradient(pair_logps(frozen, batch, **kw)[0])
     else:
         ref_BS2 = batch["ref_logps"].astype(pc.dtype)  # [B, S, 2]
         rc, rr = ref_BS2[..., 0].reshape(-1), ref_BS2[..., 1].reshape(-1)
@@ -163,6 +178,7 @@ def make(objective_config, model_config, segments=1):
             loss_fn,
             model=model,
             segments=segments,
+            logits_chunk=int(objective_config["logits_chunk_size"]),
             reference=reference,
             loss_types=types,
             loss_weights=weights,

@@ -8,17 +8,25 @@ import jax.numpy as jnp
 
 from jaxpost import losses
 from jaxpost import model as model_lib
+from jaxpost.objectives import _tokens
 
 
-def loss_fn(params, batch, frozen, *, model, segments):
+def loss_fn(params, batch, frozen, *, model, segments, logits_chunk):
     """`({"nll": sum}, aux)` for one micro-batch; see `jaxpost.objectives` for the contract."""
     del frozen
-    logits_BLV = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    logps_BL, top1_BL, _ = _tokens.token_stats(
+        params,
+        model,
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        batch["targets"],
+        logits_chunk,
     )
-    targets_BL, mask_BL = batch["targets"], batch["loss_mask"].astype(bool)
-    nll_sum, n_targets = losses.sft_loss_sum(logits_BLV, targets_BL, mask_BL)
-    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL) & mask_BL
+    mask_BL = batch["loss_mask"].astype(bool)
+    nll_sum = -jnp.sum(jnp.where(mask_BL, logps_BL, 0.0))
+    n_targets = jnp.sum(mask_BL)
+    correct_BL = top1_BL & mask_BL
     # A sequence is an exact match when greedy decoding would reproduce every target token.
     seg_BL = batch["segment_ids"]
     wrong_BS = losses.segment_sum(mask_BL & ~correct_BL, seg_BL, segments)
@@ -49,6 +57,11 @@ def make(objective_config, model_config, segments=1):
         name="sft",
         model=model,
         data_kind="sft",
-        loss_fn=functools.partial(loss_fn, model=model, segments=segments),
+        loss_fn=functools.partial(
+            loss_fn,
+            model=model,
+            segments=segments,
+            logits_chunk=int(objective_config["logits_chunk_size"]),
+        ),
         denominators=denominators,
     )
