@@ -376,21 +376,22 @@ def _load_data(config, objective, tokenizer, layout):
         truncation=config.data.truncation,
         skip_invalid=bool(config.data.skip_invalid),
     )
-    train_examples, train_stats = pipeline.load_examples(
+    train_sources, train_weights, train_stats = pipeline.load_mixture(
         config.data.train_path, "train", tokenizer, **common
     )
     log.info("train data %s: %s", config.data.train_path, train_stats.summary())
     eval_examples, eval_stats = [], None
     if config.data.eval_path:
-        eval_examples, eval_stats = pipeline.load_examples(
+        eval_sources, _, eval_stats = pipeline.load_mixture(
             config.data.eval_path,
             "eval",
             tokenizer,
             max_examples=int(config.data.max_eval_examples),
             **common,
         )
+        eval_examples = [ex for source in eval_sources for ex in source]
         log.info("eval data %s: %s", config.data.eval_path, eval_stats.summary())
-    return train_examples, eval_examples, train_stats, eval_stats
+    return (train_sources, train_weights), eval_examples, train_stats, eval_stats
 
 
 def _check_init_workdir(config) -> None:
@@ -492,8 +493,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             )(state.params)
             frozen_shardings = state_shardings.params
         elif objective.reference == "precomputed":
-            train_examples, eval_examples = _precompute_reference(
-                config, objective, state.params, train_examples, eval_examples, mesh, workdir
+            train_examples, eval_examples = _split_like(
+                train_examples,
+                *_precompute_reference(
+                    config,
+                    objective,
+                    state.params,
+                    _flat(train_examples),
+                    eval_examples,
+                    mesh,
+                    workdir,
+                ),
             )
         if manager.latest_step() is not None:
             target = abstract_state(state_shardings, model, tx, seq_len=seq_len)
@@ -583,9 +593,11 @@ def _packing(config) -> dict[str, Any]:
     }
 
 
-def _train_iterator(config, examples, layout):
+def _train_iterator(config, mixture, layout):
+    sources, weights = mixture
     return pipeline.make_train_iterator(
-        examples,
+        sources,
+        mixture_weights=weights,
         **_packing(config),
         seq_len=int(config.data.seq_len),
         micro_batch=layout.local_micro_batch,
@@ -595,6 +607,20 @@ def _train_iterator(config, examples, layout):
         process_count=jax.process_count(),
         num_workers=int(config.data.num_workers),
     )
+
+
+def _flat(mixture) -> list:
+    return [ex for source in mixture[0] for ex in source]
+
+
+def _split_like(mixture, flat_train, eval_examples):
+    """Put precomputed-reference examples back into their mixture components."""
+    sources, weights = mixture
+    out, start = [], 0
+    for source in sources:
+        out.append(flat_train[start : start + len(source)])
+        start += len(source)
+    return (out, weights), eval_examples
 
 
 def _precompute_reference(config, objective, params, train_examples, eval_examples, mesh, workdir):

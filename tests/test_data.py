@@ -174,3 +174,26 @@ def test_processes_never_overlap_when_examples_do_not_divide_evenly():
     for _ in range(9):  # three epochs of 3 examples per process
         a, b = (int(next(it)["inputs"][0, 0, 1]) for it in its)
         assert a != b
+
+
+def test_mixtures_draw_in_proportion_and_parse_strictly(tmp_path):
+    assert pipeline.parse_mixture("a.jsonl@3, builtin:sort") == [
+        ("a.jsonl", 3.0),
+        ("builtin:sort", 1.0),
+    ]
+    with pytest.raises(ValueError, match="weight 'x' of 'a.jsonl' is not a number"):
+        pipeline.parse_mixture("a.jsonl@x")
+    with pytest.raises(ValueError, match="must be positive"):
+        pipeline.parse_mixture("a.jsonl@0")
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"b{i}"}) for i in range(5)) + "\n")
+    sources, weights, stats = pipeline.load_mixture(
+        f"builtin:sort@3,{path}@1", "train", TOK, seq_len=32
+    )
+    assert [len(s) for s in sources] == [4000, 5] and weights == [3.0, 1.0]
+    assert stats.records == 4005
+    it = pipeline.make_train_iterator(
+        sources, mixture_weights=weights, seq_len=32, micro_batch=8, accum_steps=1, seed=0
+    )
+    from_b = sum(int((next(it)["inputs"][0, :, 1] == TOK.encode("b")[0]).sum()) for _ in range(50))
+    assert from_b == 100  # exactly 1 in 4 of 400 rows: grain mixes deterministically

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -163,6 +163,51 @@ def load_examples(
     return examples, stats
 
 
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """`"a.jsonl@0.7,builtin:sort@0.3"` -> `[("a.jsonl", 0.7), ("builtin:sort", 0.3)]`.
+
+    A component without `@weight` weighs 1. Weights are relative (they need not sum to 1).
+    """
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path, sep, weight = part.rpartition("@")
+        if not sep:
+            out.append((part, 1.0))
+            continue
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(
+                f"data mixture {spec!r}: weight {weight!r} of {path!r} is not a number"
+            ) from None
+        if not w > 0:
+            raise ValueError(f"data mixture {spec!r}: weight of {path!r} must be positive")
+        out.append((path, w))
+    if not out:
+        raise ValueError(f"empty data spec {spec!r}")
+    return out
+
+
+def load_mixture(spec: str, split: str, tokenizer, **kwargs):
+    """Every component of a (possibly one-component) mixture spec, loaded with `load_examples`.
+
+    Returns `(sources, weights, stats)`: one example list per component, their weights, and the
+    stats of all components together.
+    """
+    sources, weights, total = [], [], DataStats()
+    for path, weight in parse_mixture(spec):
+        examples, stats = load_examples(path, split, tokenizer, **kwargs)
+        sources.append(examples)
+        weights.append(weight)
+        for field in ("records", "truncated", "dropped", "skipped", "target_tokens"):
+            setattr(total, field, getattr(total, field) + getattr(stats, field))
+        for reason, n in stats.skip_reasons.items():
+            total.skip_reasons[reason] = total.skip_reasons.get(reason, 0) + n
+    return sources, weights, total
+
+
 def load_sft_examples(spec: str, split: str, tokenizer: ByteTokenizer, **kwargs):
     return load_examples(spec, split, tokenizer, kind="sft", **kwargs)
 
@@ -276,29 +321,38 @@ def make_train_iterator(
     packing: str = "none",
     segments_per_row: int = 1,
     packing_bins: int = 64,
+    mixture_weights: Sequence[float] | None = None,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's batches `[accum, micro_batch, ...]`.
 
     Shuffles with `seed` (reshuffled every epoch); process `i` of `n` reads positions i, i+n, ...
     of each epoch's order (trimmed to a multiple of n), so processes never overlap. With
     `packing` ("first_fit" / "best_fit"), several examples share a row (each its own segment,
-    positions restarting), `packing_bins` rows being filled at a time.
+    positions restarting), `packing_bins` rows being filled at a time. With `mixture_weights`,
+    `examples` is a list of sources (example lists) drawn from in those proportions, each
+    shuffled and repeated on its own.
     """
-    if len(examples) < process_count:
-        raise ValueError(f"{len(examples)} examples cannot be split over {process_count} processes")
     if packing not in PACKINGS:
         raise ValueError(f"config.data.packing={packing!r} is not one of {PACKINGS}")
-    ds = grain.MapDataset.source(examples).shuffle(seed=seed)
-    # Every process takes the same number of examples per epoch (the remainder of N/P is left
-    # out of that epoch), so their epochs stay aligned and never overlap.
-    per_process = len(examples) // process_count
-    ds = ds[: per_process * process_count][process_index::process_count].repeat(None)
+    sources = examples if mixture_weights is not None else [examples]
+    streams = []
+    for i, source in enumerate(sources):
+        if len(source) < process_count:
+            raise ValueError(
+                f"{len(source)} examples cannot be split over {process_count} processes"
+            )
+        ds = grain.MapDataset.source(source).shuffle(seed=seed + i)
+        # Every process takes the same number of examples per epoch (the remainder of N/P is
+        # left out of that epoch), so their epochs stay aligned and never overlap.
+        per_process = len(source) // process_count
+        streams.append(ds[: per_process * process_count][process_index::process_count].repeat(None))
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, mixture_weights)
     if packing == "none":
         ds = ds.map(functools.partial(to_row, seq_len=seq_len)).to_iter_dataset()
     else:
         ds = _pack(
             ds.to_iter_dataset(),
-            examples[0],
+            sources[0][0],
             seq_len=seq_len,
             packing=packing,
             segments=segments_per_row,
