@@ -197,3 +197,18 @@ def test_mixtures_draw_in_proportion_and_parse_strictly(tmp_path):
     )
     from_b = sum(int((next(it)["inputs"][0, :, 1] == TOK.encode("b")[0]).sum()) for _ in range(50))
     assert from_b == 100  # exactly 1 in 4 of 400 rows: grain mixes deterministically
+
+
+def test_sliced_splits_partition_one_file(tmp_path):
+    path = tmp_path / "all.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"r{i}"}) for i in range(10)) + "\n")
+    train, _ = pipeline.load_examples(f"{path}[:80%]", "train", TOK, seq_len=16)
+    held, _ = pipeline.load_examples(f"{path}[80%:]", "eval", TOK, seq_len=16)
+    mid, _ = pipeline.load_examples(f"{path}[2:4]", "train", TOK, seq_len=16)
+    assert [TOK.decode(e.ids) for e in train] == [f"r{i}" for i in range(8)]
+    assert [TOK.decode(e.ids) for e in held] == ["r8", "r9"]
+    assert [TOK.decode(e.ids) for e in mid] == ["r2", "r3"]
+    # Errors still name the file and line of the record.
+    path.write_text(path.read_text() + "{oops\n")
+    with pytest.raises(records.DataError, match=r"all.jsonl:11: malformed JSON"):
+        pipeline.load_examples(f"{path}[90%:]", "eval", TOK, seq_len=16)

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 
 from jaxpost.data.records import DataError
@@ -48,8 +49,38 @@ def read_jsonl(pattern: str) -> Iterator[tuple[dict, str]]:
                 yield record, where
 
 
+_SLICE = re.compile(r"^(?P<path>.*)\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\]$")
+
+
+def split_slice(spec: str) -> tuple[str, tuple[str, str] | None]:
+    """`"data.jsonl[:90%]"` -> `("data.jsonl", ("", "90%"))`; no slice -> `(spec, None)`."""
+    m = _SLICE.match(spec)
+    if not m:
+        return spec, None
+    return m["path"], (m["start"], m["stop"])
+
+
+def _bound(text: str, n: int) -> int | None:
+    if not text:
+        return None
+    if text.endswith("%"):
+        return round(n * int(text[:-1]) / 100)
+    return int(text)
+
+
 def read_records(spec: str, split: str) -> Iterator[tuple[dict, str]]:
-    """Records of a data spec: a JSONL path/glob, or `builtin:NAME` (with `split` train/eval)."""
+    """Records of a data spec: a JSONL path/glob, or `builtin:NAME` (with `split` train/eval),
+    optionally sliced by record index: `data.jsonl[:90%]`, `data.jsonl[90%:]`, `x[100:200]`."""
+    path, bounds = split_slice(spec)
+    if bounds is not None:
+        records = list(_read_unsliced(path, split))
+        n = len(records)
+        yield from records[_bound(bounds[0], n) : _bound(bounds[1], n)]
+        return
+    yield from _read_unsliced(spec, split)
+
+
+def _read_unsliced(spec: str, split: str) -> Iterator[tuple[dict, str]]:
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_TASKS:
