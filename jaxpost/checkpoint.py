@@ -86,10 +86,11 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator, step:
     return state, restored["data"]
 
 
-def _params_path(workdir: str, step: int | None) -> epath.Path:
+def saved_steps(workdir: str) -> list[int]:
+    """The complete checkpoint steps of a workdir (empty if none)."""
     directory = checkpoint_dir(workdir)
     if not epath.Path(directory).exists():
-        raise FileNotFoundError(f"No checkpoints in {workdir!r}: {directory} does not exist.")
+        return []
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # "read only" notices
@@ -102,6 +103,14 @@ def _params_path(workdir: str, step: int | None) -> epath.Path:
         manager.close()
     finally:
         absl_logger.setLevel(level)
+    return steps
+
+
+def _params_path(workdir: str, step: int | None) -> epath.Path:
+    directory = checkpoint_dir(workdir)
+    if not epath.Path(directory).exists():
+        raise FileNotFoundError(f"No checkpoints in {workdir!r}: {directory} does not exist.")
+    steps = saved_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
     if step is None:

@@ -86,8 +86,9 @@ def format_eta(seconds: float) -> str:
 class MetricWriter:
     """Appends to WORKDIR/metrics.jsonl and TensorBoard events; silent on non-zero processes.
 
-    A remote workdir (`gs://...`) gets metrics.jsonl rewritten whole at each write (object
-    stores cannot append) and TensorBoard events in a local temporary directory (logged).
+    A remote workdir (`gs://...`) gets metrics.jsonl rewritten whole at most every 30 s and at
+    close (object stores cannot append), and TensorBoard events in a local temporary directory
+    (logged at start).
     """
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
@@ -95,6 +96,7 @@ class MetricWriter:
         self._jsonl = None
         self._remote = None
         self._rows: list[str] = []
+        self._last_flush = time.monotonic()
         self._tb = None
         if not enabled:
             return
@@ -118,7 +120,10 @@ class MetricWriter:
         record = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
         if self._remote is not None:
             self._rows.append(record)
-            self._remote.write_text("\n".join(self._rows) + "\n")
+            # Object stores cannot append and limit writes per object: rewrite at most every
+            # 30 s (and at close).
+            if time.monotonic() - self._last_flush > 30:
+                self._flush_remote()
         else:
             self._jsonl.write(record + "\n")
             self._jsonl.flush()
@@ -126,7 +131,13 @@ class MetricWriter:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), int(step))
 
+    def _flush_remote(self) -> None:
+        self._remote.write_text("\n".join(self._rows) + "\n")
+        self._last_flush = time.monotonic()
+
     def close(self) -> None:
+        if self._remote is not None and self._rows:
+            self._flush_remote()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:

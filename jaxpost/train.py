@@ -302,12 +302,18 @@ _RESUME_KEYS = (
     "data.seq_len",
     "data.truncation",
     "data.skip_invalid",
+    "data.packing",
+    "data.max_segments_per_row",
+    "data.packing_bins",
+    "data.num_workers",
     "train.global_batch",
     "train.accum_steps",
     "init.workdir",
     "init.step",
 )
 _RESUME_MODEL_EXEMPT = ("dtype", "remat")
+# Memory/placement settings of the objective that may change on resume (e.g. after an OOM).
+_RESUME_OBJECTIVE_EXEMPT = ("logits_chunk_size", "reference_cache_dir")
 
 
 def _get(tree: Mapping, dotted: str):
@@ -319,10 +325,17 @@ def _get(tree: Mapping, dotted: str):
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """A workdir's checkpoints may only be resumed by a compatible run (never clobbered)."""
     path = epath.Path(workdir) / "config.json"
-    if not path.exists() or not epath.Path(ckpt.checkpoint_dir(workdir)).exists():
-        return
+    if not path.exists() or not ckpt.saved_steps(workdir):
+        return  # nothing to resume (a run that died before its first save locks nothing)
     saved = json.loads(path.read_text())
     current = config.to_dict()
+    saved_objective = saved.get("objective", {})
+    for tree in (saved, current):
+        tree["objective"] = {
+            k: v
+            for k, v in tree.get("objective", {}).items()
+            if k not in _RESUME_OBJECTIVE_EXEMPT and k in saved_objective
+        }
     problems = [
         f"model.{k}: {saved.get('model', {}).get(k)!r} there, {current['model'].get(k)!r} here"
         for k in sorted(set(saved.get("model", {})) | set(current["model"]))
@@ -586,6 +599,11 @@ def _packing(config) -> dict[str, Any]:
     segments = int(config.data.max_segments_per_row) if packing != "none" else 1
     if segments < 1:
         raise ValueError("config.data.max_segments_per_row must be at least 1")
+    if packing != "none" and int(config.data.packing_bins) < 1:
+        raise ValueError(
+            f"config.data.packing_bins={config.data.packing_bins} must be at least 1 "
+            "(rows filled at a time; 64 is a good default)"
+        )
     return {
         "packing": packing,
         "segments_per_row": segments,

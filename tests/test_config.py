@@ -189,3 +189,28 @@ def test_resume_refuses_changed_data_settings_but_allows_compute_settings(tmp_pa
         main(base + ["--config.train.global_batch=32"])
     summary = main(base + ["--config.model.remat=full", "--config.train.num_steps=3"])
     assert summary["start_step"] == 2 and summary["final_step"] == 3
+
+
+def test_a_run_that_died_before_saving_does_not_lock_its_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    base = [
+        "train",
+        f"--config={REPO}/configs/sft.py:smoke",
+        f"--workdir={workdir}",
+        "--config.train.num_steps=2",
+        "--config.data.max_eval_examples=16",
+    ]
+    with pytest.raises(ValueError, match="packing_bins=0 must be at least 1"):
+        main(base + ["--config.data.packing=first_fit", "--config.data.packing_bins=0"])
+    (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)  # as orbax leaves it
+    (workdir / "config.json").write_text(json.dumps({"train": {"global_batch": 99}}))
+    assert main(base)["final_step"] == 2  # no saved step: nothing to protect
+    # Memory-only settings may change on resume; packing may not.
+    assert (
+        main(base + ["--config.objective.logits_chunk_size=8", "--config.train.num_steps=3"])[
+            "start_step"
+        ]
+        == 2
+    )
+    with pytest.raises(ValueError, match="data.packing: 'none' there, 'first_fit' here"):
+        main(base + ["--config.data.packing=first_fit"])

@@ -28,6 +28,7 @@ def pair_mask(batch, segments):
     return present.reshape(-1)
 
 
-def count_pairs(batch):
-    """Number of real pairs in a batch with any leading dims: segments are numbered 1..k."""
-    return jnp.sum(jnp.max(batch["segment_ids"][..., 0, :], axis=-1))
+def count_pairs(batch, segments):
+    """Number of real pairs in a batch with any leading dims: segments are numbered 1..k; a row
+    counts at most `segments` (what the loss reads, so loss and denominator always agree)."""
+    return jnp.sum(jnp.minimum(jnp.max(batch["segment_ids"][..., 0, :], axis=-1), segments))

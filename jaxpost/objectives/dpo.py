@@ -115,10 +115,10 @@ def loss_fn(
     return terms, aux
 
 
-def denominators(batch, *, loss_types):
+def denominators(batch, *, loss_types, segments):
     out = {}
     if any(t != "sft" for t in loss_types):
-        out["pairs"] = _pairs.count_pairs(batch)
+        out["pairs"] = _pairs.count_pairs(batch, segments)
     if "sft" in loss_types:
         out["sft"] = jnp.sum(batch["loss_mask"][..., 0, :] > 0)
     return out
@@ -184,6 +184,6 @@ def make(objective_config, model_config, segments=1):
             loss_weights=weights,
             dpo_kwargs=dpo_kwargs,
         ),
-        denominators=functools.partial(denominators, loss_types=types),
+        denominators=functools.partial(denominators, loss_types=types, segments=segments),
         reference=reference,
     )

@@ -54,8 +54,8 @@ def loss_fn(params, batch, frozen, *, model, segments, center_rewards_coefficien
     return terms, aux
 
 
-def denominators(batch, *, center):
-    n_pairs = _pairs.count_pairs(batch)
+def denominators(batch, *, center, segments):
+    n_pairs = _pairs.count_pairs(batch, segments)
     return {"pairs": n_pairs, **({"center": n_pairs} if center else {})}
 
 
@@ -72,5 +72,5 @@ def make(objective_config, model_config, segments=1):
         loss_fn=functools.partial(
             loss_fn, model=model, segments=segments, center_rewards_coefficient=center
         ),
-        denominators=functools.partial(denominators, center=bool(center)),
+        denominators=functools.partial(denominators, center=bool(center), segments=segments),
     )
