@@ -26,8 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = dataclasses.asdict(model_lib.preset("smoke"))
     c.data = dict(
-        train_path="builtin:arithmetic",  # JSONL path/glob, or builtin:NAME
+        # JSONL or Parquet path/glob, tfds:NAME[:SPLIT], builtin:NAME; path@weight,... mixes;
+        # path[:90%] slices
+        train_path="builtin:arithmetic",
         eval_path="builtin:arithmetic",  # '' = no eval
+        tfds_data_dir="~/tensorflow_datasets",  # where tfds:NAME datasets live
         tokenizer="byte",
         seq_len=32,
         truncation="keep_start",  # keep_start | keep_end | drop (for too-long examples)

@@ -35,6 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--init_timeout", type=int, default=300, help="seconds to wait for every process to join"
     )
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser(
+        "prepare", help="JSONL/Parquet -> a TFDS ArrayRecord dataset (use as tfds:NAME)"
+    )
+    prep.add_argument(
+        "--input", action="append", required=True, help="JSONL or Parquet file/glob (repeatable)"
+    )
+    prep.add_argument("--name", required=True, help="dataset name (lowercase identifier)")
+    prep.add_argument("--data_dir", default="~/tensorflow_datasets")
+    prep.add_argument(
+        "--eval_fraction",
+        type=float,
+        default=0.0,
+        help="hold out this random fraction as split 'eval'",
+    )
     demo = sub.add_parser("demo", help="the built-in SFT -> RM -> DPO demo")
     demo.add_argument("--workdir", default="runs/demo", help="where the three runs go")
     return parser
@@ -56,6 +72,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     # Imports after parsing, so `jaxpost --help` is instant.
+    if args.command == "data":
+        import os
+
+        from jaxpost.data import prepare
+
+        sizes = prepare.prepare(
+            args.input,
+            args.name,
+            os.path.expanduser(args.data_dir),
+            eval_fraction=args.eval_fraction,
+        )
+        print(f"prepared tfds:{args.name} in {args.data_dir}: {sizes}")
+        return sizes
     if args.command == "demo":
         if overrides:
             raise ValueError("jaxpost demo takes no --config overrides")

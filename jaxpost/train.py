@@ -388,6 +388,7 @@ def _load_data(config, objective, tokenizer, layout):
         seq_len=seq_len,
         truncation=config.data.truncation,
         skip_invalid=bool(config.data.skip_invalid),
+        tfds_data_dir=config.data.tfds_data_dir,
     )
     train_sources, train_weights, train_stats = pipeline.load_mixture(
         config.data.train_path, "train", tokenizer, **common

@@ -212,3 +212,62 @@ def test_sliced_splits_partition_one_file(tmp_path):
     path.write_text(path.read_text() + "{oops\n")
     with pytest.raises(records.DataError, match=r"all.jsonl:11: malformed JSON"):
         pipeline.load_examples(f"{path}[90%:]", "eval", TOK, seq_len=16)
+
+
+def test_prepare_makes_a_tfds_dataset_that_reads_back_identically(tmp_path):
+    from jaxpost.data import prepare
+
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(20)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data_dir = str(tmp_path / "tfds")
+    sizes = prepare.prepare([str(path)], "chat_test", data_dir, eval_fraction=0.25)
+    assert sizes == {"train": 15, "eval": 5}
+    train, _ = pipeline.load_examples(
+        "tfds:chat_test", "train", TOK, seq_len=32, tfds_data_dir=data_dir
+    )
+    held, _ = pipeline.load_examples(
+        "tfds:chat_test", "eval", TOK, seq_len=32, tfds_data_dir=data_dir
+    )
+    direct, _ = pipeline.load_examples(str(path), "train", TOK, seq_len=32)
+    got = sorted(TOK.decode(e.ids) for e in train + held)
+    assert got == sorted(TOK.decode(e.ids) for e in direct)
+    # Records keep their origin, so later errors still name the JSONL line.
+    first = next(sources.read_records("tfds:chat_test:train", "x", tfds_data_dir=data_dir))
+    assert first[1].startswith(f"{path}:")
+    with pytest.raises(FileNotFoundError, match="Cannot open TFDS dataset 'nope'"):
+        list(sources.read_records("tfds:nope", "train", tfds_data_dir=data_dir))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n[1]\n')
+    with pytest.raises(records.DataError, match=r"bad.jsonl:2: expected a JSON object"):
+        prepare.prepare([str(bad)], "bad_test", data_dir)
+
+
+def test_parquet_rows_are_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "prefs.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+                {"prompt": "3+3=", "chosen": "6", "rejected": "6"},
+            ]
+        ),
+        path,
+    )
+    with pytest.raises(records.DataError, match=r"prefs.parquet\[row 1\]: chosen and rejected"):
+        pipeline.load_examples(str(path), "train", TOK, kind="pairs", seq_len=32)
+    ex, stats = pipeline.load_examples(
+        str(path), "train", TOK, kind="pairs", seq_len=32, skip_invalid=True
+    )
+    assert len(ex) == 1 and stats.skipped == 1

@@ -113,6 +113,7 @@ def load_examples(
     truncation: str = "keep_start",
     max_examples: int = 0,
     skip_invalid: bool = False,
+    tfds_data_dir: str = sources.DEFAULT_TFDS_DIR,
 ) -> tuple[list, DataStats]:
     """Read, validate and tokenise every record of `spec`.
 
@@ -125,7 +126,7 @@ def load_examples(
         raise ValueError(f"data kind {kind!r} is not one of {KINDS}")
     examples, stats = [], DataStats()
     limit = seq_len + 1
-    for record, where in sources.read_records(spec, split):
+    for record, where in sources.read_records(spec, split, tfds_data_dir=tfds_data_dir):
         stats.records += 1
         try:
             if kind == "sft":

@@ -1,4 +1,5 @@
-"""Where records come from: local JSONL files (globs), or a built-in task (`builtin:NAME`).
+"""Where records come from: local JSONL or Parquet files (globs), TFDS datasets made by
+`jaxpost data prepare` (`tfds:NAME[:SPLIT]`), or a built-in task (`builtin:NAME`).
 
 Every record is returned with its location (`path:line`, or `builtin:NAME[i]`) so later errors can
 name it.
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from jaxpost.data.records import DataError
 
 BUILTIN_PREFIX = "builtin:"
+TFDS_PREFIX = "tfds:"
+DEFAULT_TFDS_DIR = "~/tensorflow_datasets"
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -68,19 +71,56 @@ def _bound(text: str, n: int) -> int | None:
     return int(text)
 
 
-def read_records(spec: str, split: str) -> Iterator[tuple[dict, str]]:
+def read_records(
+    spec: str, split: str, *, tfds_data_dir: str = DEFAULT_TFDS_DIR
+) -> Iterator[tuple[dict, str]]:
     """Records of a data spec: a JSONL path/glob, or `builtin:NAME` (with `split` train/eval),
     optionally sliced by record index: `data.jsonl[:90%]`, `data.jsonl[90%:]`, `x[100:200]`."""
     path, bounds = split_slice(spec)
     if bounds is not None:
-        records = list(_read_unsliced(path, split))
+        records = list(_read_unsliced(path, split, tfds_data_dir))
         n = len(records)
         yield from records[_bound(bounds[0], n) : _bound(bounds[1], n)]
         return
-    yield from _read_unsliced(spec, split)
+    yield from _read_unsliced(spec, split, tfds_data_dir)
 
 
-def _read_unsliced(spec: str, split: str) -> Iterator[tuple[dict, str]]:
+def read_tfds(spec: str, split: str, data_dir: str) -> Iterator[tuple[dict, str]]:
+    """Records of a dataset written by `jaxpost data prepare` (`tfds:NAME[:SPLIT]`)."""
+    import tensorflow_datasets as tfds
+
+    name, _, explicit_split = spec[len(TFDS_PREFIX) :].partition(":")
+    split = explicit_split or split
+    data_dir = os.path.expanduser(data_dir)
+    try:
+        source = tfds.data_source(name, data_dir=data_dir, split=split)
+    except Exception as e:  # tfds raises several types for a missing dataset or split
+        raise FileNotFoundError(
+            f"Cannot open TFDS dataset {name!r} split {split!r} in {data_dir} "
+            f"(config.data.tfds_data_dir): {e}. Create it with `jaxpost data prepare`."
+        ) from None
+    for i in range(len(source)):
+        example = source[i]
+        where = example["where"]
+        where = where.decode() if isinstance(where, bytes) else str(where)
+        text = example["record"]
+        yield json.loads(text.decode() if isinstance(text, bytes) else text), where
+
+
+def read_parquet(pattern: str) -> Iterator[tuple[dict, str]]:
+    """Rows of Parquet files as records (`path[row i]`)."""
+    import pyarrow.parquet as pq
+
+    for path in expand_paths(pattern):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's errors for a corrupt file vary
+            raise DataError(f"{path}: cannot read as Parquet ({e})") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield row, f"{path}[row {i}]"
+
+
+def _read_unsliced(spec: str, split: str, tfds_data_dir: str) -> Iterator[tuple[dict, str]]:
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_TASKS:
@@ -90,6 +130,12 @@ def _read_unsliced(spec: str, split: str) -> Iterator[tuple[dict, str]]:
             )
         for i, record in enumerate(BUILTIN_TASKS[name](split)):
             yield record, f"{spec}[{split}][{i}]"
+        return
+    if spec.startswith(TFDS_PREFIX):
+        yield from read_tfds(spec, split, tfds_data_dir)
+        return
+    if spec.endswith(".parquet"):
+        yield from read_parquet(spec)
         return
     yield from read_jsonl(spec)
 
