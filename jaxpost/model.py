@@ -325,17 +325,18 @@ def count_params(params: Params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def flops_per_token(config: Config, seq_len: int) -> float:
+def flops_per_token(config: Config, seq_len: int, *, lm_head: bool = True) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B convention.
 
     6 x (matmul parameters, including the output projection but not the embedding lookup) plus
     12 x n_layers x (H x Dh) x seq_len for attention scores and values (no causal discount).
-    Remat recomputation is not counted (MFU, not hardware utilisation).
+    Remat recomputation is not counted (MFU, not hardware utilisation). `lm_head=False` counts a
+    scalar head instead of the vocabulary projection (reward models).
     """
     c = config
     attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
     mlp = 3 * c.d_model * c.mlp_dim
-    matmul_params = c.n_layers * (attn + mlp) + c.d_model * c.vocab_size
+    matmul_params = c.n_layers * (attn + mlp) + (c.d_model * c.vocab_size if lm_head else c.d_model)
     return 6.0 * matmul_params + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
 

@@ -722,7 +722,9 @@ def _loop(
     peak, peak_source = peak_and_source
     # Pairs are two sequences each; a frozen reference adds one forward pass (2N of 6N).
     sequences = layout.global_batch * (2 if objective.data_kind == "pairs" else 1)
-    per_token = model_lib.flops_per_token(model_config, int(config.data.seq_len))
+    per_token = model_lib.flops_per_token(
+        model_config, int(config.data.seq_len), lm_head=objective.name != "rm"
+    )
     if objective.reference == "frozen":
         per_token *= 4 / 3
     flops_per_step = per_token * sequences * int(config.data.seq_len)

@@ -157,3 +157,14 @@ def test_bench_presets_match_the_issue():
         64,
     )
     assert not s.tie_embeddings and s.rms_eps == 1e-6 and s.rope_theta == 10000.0
+
+
+def test_flops_per_token_by_hand():
+    cfg = model_lib.preset("bench-tiny")
+    # per layer: attention 256*64*(2*4 + 2*4) = 262,144; MLP 3*256*688 = 528,384
+    # matmul params: 4 * 790,528 + 256*8192 (head) = 5,259,264; x6 = 31,555,584
+    # attention scores/values: 12 * 4 layers * 4 heads * 64 * 256 = 3,145,728
+    assert model_lib.flops_per_token(cfg, 256) == 31_555_584 + 3_145_728
+    assert model_lib.flops_per_token(cfg, 256, lm_head=False) == (
+        6 * (4 * 790_528 + 256) + 3_145_728
+    )

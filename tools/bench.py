@@ -2,7 +2,9 @@
 
   python tools/bench.py --objective sft --model bench-tiny --batch 16 --seq 256 [--steps 10]
 
-Prints one JSON line: step time, tokens/s (per chip and total), MFU against the peak that
+--objective rm|dpo runs pairs (`--batch` pairs of two sequences; DPO with precomputed reference
+log-probs, its default). Prints one JSON line: step time, tokens/s (per chip and total), MFU
+against the peak that
 `jaxpost.metrics.peak_flops` reports (data-sheet bf16 peak on TPU/GPU; measured float32 matmul on
 CPU), and peak device memory where the backend reports it.
 """
@@ -25,24 +27,34 @@ from jaxpost import train as train_lib
 
 
 def synthetic_batch(objective_name: str, batch: int, seq: int, vocab: int, accum: int, seed=0):
+    """Random tokens in the objective's batch layout: `[A, B, L]` (SFT) or `[A, B, 2, L]` pairs
+    (RM, DPO; with precomputed reference log-probs for DPO, as its default config uses)."""
     rng = np.random.default_rng(seed)
-    if objective_name != "sft":
-        raise SystemExit(f"bench: objective {objective_name!r} is not available yet")
-    tokens = rng.integers(3, vocab, size=(accum, batch // accum, seq + 1), dtype=np.int32)
-    ones = np.ones((accum, batch // accum, seq), np.int32)
+    shape = (accum, batch // accum) + ((2,) if objective_name in ("rm", "dpo") else ())
+    tokens = rng.integers(3, vocab, size=(*shape, seq + 1), dtype=np.int32)
+    ones = np.ones((*shape, seq), np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), ones.shape).copy()
-    return {
+    out = {
         "inputs": tokens[..., :-1],
         "targets": tokens[..., 1:],
         "loss_mask": ones,
         "segment_ids": ones,
         "positions": positions,
     }
+    if objective_name == "dpo":
+        out["ref_logps"] = rng.normal(-seq * 5.0, 1.0, size=(*shape[:2], 1, 2)).astype(np.float32)
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objective", default="sft")
+    parser.add_argument("--objective", default="sft", choices=["sft", "rm", "dpo"])
+    parser.add_argument(
+        "--logits_chunk",
+        type=int,
+        default=0,
+        help="objective.logits_chunk_size (0 = full [B, L, V] logits)",
+    )
     parser.add_argument("--model", default="bench-tiny", choices=sorted(model_lib.PRESETS))
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=256)
@@ -55,11 +67,12 @@ def main():
 
     config = config_lib.base_config()
     config.objective.name = args.objective
+    config.objective.logits_chunk_size = args.logits_chunk
     model_config = model_lib.preset(args.model, dtype=args.dtype, remat=args.remat)
     config.model = dataclasses.asdict(model_config)
     mesh = sharding.make_mesh(dict(zip(sharding.AXES, map(int, args.mesh.split(",")), strict=True)))
-    model = model_lib.Decoder(model_config)
-    objective = objectives.make_objective(config.objective, model)
+    objective = objectives.make_objective(config.objective, model_config)
+    model = objective.model
     tx = optim.make_optimizer(config.optim, 1000)
     schedule = optim.make_schedule(config.optim, 1000)
     batch_np = synthetic_batch(
@@ -83,8 +96,10 @@ def main():
         jax.block_until_ready((state, m))
         step_s = (time.perf_counter() - t0) / args.steps
     peak, peak_source = metrics.peak_flops()
-    tokens = args.batch * args.seq
-    flops = model_lib.flops_per_token(model_config, args.seq) * tokens
+    sequences = args.batch * (2 if args.objective in ("rm", "dpo") else 1)
+    tokens = sequences * args.seq
+    flops = model_lib.flops_per_token(model_config, args.seq, lm_head=args.objective != "rm")
+    flops *= tokens
     mem = jax.devices()[0].memory_stats() or {}
     print(
         json.dumps(
