@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
         packing_bins=64,  # with packing: rows filled at a time (more = less padding)
     )
     c.objective = dict(
-        name="sft",  # sft | rm | dpo
+        name="sft",  # sft | rm | dpo | simpo | orpo
         # sft, dpo: >0 computes log-probs over this many positions at a time, never holding the
         # [batch, length, vocab] logits (for large vocabularies); 0 = full logits
         logits_chunk_size=0,
@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         discopop_tau=0.05,
         reference="precomputed",  # precomputed | frozen
         reference_cache_dir="",  # '' = WORKDIR/reference_logps; share it across a sweep
+        simpo_gamma=0.5,  # simpo: target reward margin (beta is objective.beta, e.g. 2.0)
         # rm
         center_rewards_coefficient=0.0,
     )

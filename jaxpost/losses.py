@@ -36,6 +36,7 @@ __all__ = [
     "DPO_LOSSES",
     "simpo_loss",
     "orpo_loss",
+    "orpo_log_odds_ratio",
 ]
 
 
@@ -569,13 +570,29 @@ def orpo_loss(
     the first is the ORPO objective (the batch NLL is shared by every pair, as in TRL); rewards are
     `beta * logp / |y|`.
     """
+    log_odds, ac, ar = orpo_log_odds_ratio(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
+    )
+    one = jnp.ones((), ac.dtype)
+    nll = -jnp.sum(policy_chosen_logps.astype(ac.dtype)) / jnp.sum(
+        jnp.maximum(chosen_lengths.astype(ac.dtype), one)
+    )
+    losses = nll - beta * jax.nn.log_sigmoid(log_odds)
+    return losses, beta * ac, beta * ar
+
+
+def orpo_log_odds_ratio(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    chosen_lengths: jax.Array,
+    rejected_lengths: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(log odds(y_c) - log odds(y_r), mean logp chosen, mean logp rejected)`, each `[B]`
+    (Hong et al. 2024, eq. 5), with `odds(y) = P / (1 - P)`, `P = exp(logp / |y|)`."""
     dtype = _compute_dtype(jnp.result_type(policy_chosen_logps, policy_rejected_logps))
     one = jnp.ones((), dtype)
     lc = jnp.maximum(chosen_lengths.astype(dtype), one)
     lr = jnp.maximum(rejected_lengths.astype(dtype), one)
     ac, ar = policy_chosen_logps.astype(dtype) / lc, policy_rejected_logps.astype(dtype) / lr
     # log(1 - exp(a)) for a < 0, computed without cancellation.
-    log_odds = (ac - ar) - (jnp.log(-jnp.expm1(ac)) - jnp.log(-jnp.expm1(ar)))
-    nll = -jnp.sum(policy_chosen_logps.astype(dtype)) / jnp.sum(lc)
-    losses = nll - beta * jax.nn.log_sigmoid(log_odds)
-    return losses, beta * ac, beta * ar
+    return (ac - ar) - (jnp.log(-jnp.expm1(ac)) - jnp.log(-jnp.expm1(ar))), ac, ar

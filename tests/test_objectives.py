@@ -323,3 +323,36 @@ def test_chunked_logits_give_the_same_losses_metrics_and_gradients(name):
         assert float(c1) == float(c0), k
     for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reference_free_objectives_equal_their_losses_and_train(tmp_path, kind):
+    overrides = {"objective.name": kind, "objective.beta": 2.0 if kind == "simpo" else 0.1}
+    config = cfg("dpo", **overrides)
+    objective, _, _, _, _, batch = _setup(config)
+    assert objective.reference == "none"
+    params = sharding.strip_boxes(
+        objective.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    )["params"]
+    micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+    from jaxpost.objectives import dpo
+
+    (pc, pr), (lc, lr), _, _ = dpo.pair_logps(params, micro, model=objective.model)
+    if kind == "simpo":
+        want = losses.simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.5)[0].mean()
+    else:
+        want = losses.orpo_loss(pc, pr, lc, lr, beta=0.1)[0].mean()
+    terms, _ = objective.loss_fn(params, micro, None)
+    denoms = objective.denominators(micro)
+    got = sum(float(terms[k]) / float(denoms[k]) for k in terms)
+    assert got == pytest.approx(float(want), rel=1e-5)
+    summary = train_lib.train(
+        cfg(
+            "dpo",
+            **overrides,
+            **{"train.num_steps": 3, "eval.every_steps": 0, "checkpoint.every_steps": 0},
+        ),
+        str(tmp_path),
+    )
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    assert not (tmp_path / "reference_logps").exists()  # no reference at all

@@ -57,10 +57,21 @@ def _make_dpo(config, model_config, segments):
     return dpo.make(config, model_config, segments)
 
 
+def _make_reference_free(kind):
+    def make(config, model_config, segments):
+        from jaxpost.objectives import reference_free
+
+        return reference_free.make(kind, config, model_config, segments)
+
+    return make
+
+
 REGISTRY: dict[str, Callable[[Any, model_lib.Config, int], Objective]] = {
     "sft": _make_sft,
     "rm": _make_rm,
     "dpo": _make_dpo,
+    "simpo": _make_reference_free("simpo"),
+    "orpo": _make_reference_free("orpo"),
 }
 
 

@@ -1,0 +1,100 @@
+"""Reference-free preference optimization on the shared loop: SimPO and ORPO.
+
+Pairs `[B, 2, L]` as for DPO (packing included), but no reference model at all: SimPO uses
+length-normalised log-probs with a target margin (`losses.simpo_loss`), ORPO adds an odds-ratio
+term to the chosen completions' NLL (`losses.orpo_loss`). Hyperparameters: `objective.beta`,
+`objective.simpo_gamma`, `objective.label_smoothing` (SimPO only).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost import losses
+from jaxpost import model as model_lib
+from jaxpost.objectives import _pairs
+from jaxpost.objectives.dpo import pair_logps
+
+
+def loss_fn(params, batch, frozen, *, model, segments, logits_chunk, kind, beta, gamma, smoothing):
+    del frozen
+    (pc, pr), (lc, lr), (mc, mr), valid = pair_logps(
+        params, batch, model=model, segments=segments, logits_chunk=logits_chunk
+    )
+    n_pairs = jnp.sum(valid)
+
+    def pair_mean(x):
+        return jnp.sum(jnp.where(valid, x, 0.0)), n_pairs
+
+    metrics = {}
+    if kind == "simpo":
+        per, rew_c, rew_r = losses.simpo_loss(
+            pc, pr, lc, lr, beta=beta, gamma=gamma, label_smoothing=smoothing
+        )
+        terms = {"pairs": jnp.sum(jnp.where(valid, per, 0.0))}
+    else:  # orpo: the odds-ratio term per pair, the NLL per chosen token (over the whole batch)
+        log_odds, ac, ar = losses.orpo_log_odds_ratio(pc, pr, lc, lr)
+        ratio = jax.nn.log_sigmoid(log_odds)
+        terms = {
+            "pairs": -beta * jnp.sum(jnp.where(valid, ratio, 0.0)),
+            "nll": -jnp.sum(jnp.where(valid, pc, 0.0)),
+        }
+        rew_c, rew_r = beta * ac, beta * ar
+        metrics = {
+            "log_odds_ratio": pair_mean(ratio),
+            "log_odds_chosen": pair_mean(log_odds),
+            "nll_loss": (-jnp.sum(jnp.where(valid, pc, 0.0)), jnp.sum(lc)),
+        }
+    aux = {
+        "metrics": {
+            "rewards/chosen": pair_mean(rew_c),
+            "rewards/rejected": pair_mean(rew_r),
+            "rewards/margins": pair_mean(rew_c - rew_r),
+            "rewards/accuracies": pair_mean((rew_c > rew_r).astype(jnp.float32)),
+            "logps/chosen": pair_mean(pc),
+            "logps/rejected": pair_mean(pr),
+            "logits/chosen": (jnp.sum(mc), jnp.sum(lc)),
+            "logits/rejected": (jnp.sum(mr), jnp.sum(lr)),
+            **metrics,
+        },
+        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
+    }
+    return terms, aux
+
+
+def denominators(batch, *, kind, segments):
+    out = {"pairs": _pairs.count_pairs(batch, segments)}
+    if kind == "orpo":
+        out["nll"] = jnp.sum(batch["loss_mask"][..., 0, :] > 0)
+    return out
+
+
+def make(kind, objective_config, model_config, segments=1):
+    from jaxpost.objectives import Objective
+
+    beta = float(objective_config["beta"])
+    smoothing = float(objective_config["label_smoothing"])
+    if beta <= 0:
+        raise ValueError(f"config.objective.beta={beta} must be positive")
+    if kind == "orpo" and smoothing:
+        raise ValueError("config.objective.label_smoothing is not used by ORPO; set it to 0")
+    model = model_lib.Decoder(model_config)
+    return Objective(
+        name=kind,
+        model=model,
+        data_kind="pairs",
+        loss_fn=functools.partial(
+            loss_fn,
+            model=model,
+            segments=segments,
+            logits_chunk=int(objective_config["logits_chunk_size"]),
+            kind=kind,
+            beta=beta,
+            gamma=float(objective_config["simpo_gamma"]),
+            smoothing=smoothing,
+        ),
+        denominators=functools.partial(denominators, kind=kind, segments=segments),
+    )
