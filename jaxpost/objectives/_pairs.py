@@ -32,3 +32,30 @@ def count_pairs(batch, segments):
     """Number of real pairs in a batch with any leading dims: segments are numbered 1..k; a row
     counts at most `segments` (what the loss reads, so loss and denominator always agree)."""
     return jnp.sum(jnp.minimum(jnp.max(batch["segment_ids"][..., 0, :], axis=-1), segments))
+
+
+def pair_mean(x, valid):
+    """`(sum over real pairs, number of real pairs)`: a metric reported as a pair mean."""
+    return jnp.sum(jnp.where(valid, x, 0.0)), jnp.sum(valid)
+
+
+def preference_aux(batch, valid, logps, lengths, logit_sums, rewards, extra=None):
+    """TRL's preference metrics (`rewards/*`, `logps/*`, `logits/*`) and `num_tokens`.
+
+    `logps`, `lengths`, `logit_sums` and `rewards` are `(chosen, rejected)` pairs of `[B*S]`.
+    """
+    (pc, pr), (lc, lr), (mc, mr), (rew_c, rew_r) = logps, lengths, logit_sums, rewards
+    return {
+        "metrics": {
+            "rewards/chosen": pair_mean(rew_c, valid),
+            "rewards/rejected": pair_mean(rew_r, valid),
+            "rewards/margins": pair_mean(rew_c - rew_r, valid),
+            "rewards/accuracies": pair_mean((rew_c > rew_r).astype(jnp.float32), valid),
+            "logps/chosen": pair_mean(pc, valid),
+            "logps/rejected": pair_mean(pr, valid),
+            "logits/chosen": (jnp.sum(mc), jnp.sum(lc)),
+            "logits/rejected": (jnp.sum(mr), jnp.sum(lr)),
+            **(extra or {}),
+        },
+        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
+    }

@@ -71,7 +71,6 @@ def loss_fn(
     else:
         ref_BS2 = batch["ref_logps"].astype(pc.dtype)  # [B, S, 2]
         rc, rr = ref_BS2[..., 0].reshape(-1), ref_BS2[..., 1].reshape(-1)
-    n_pairs = jnp.sum(valid)
     terms = {}
     pref = [(t, w) for t, w in zip(loss_types, loss_weights, strict=True) if t != "sft"]
     if pref:
@@ -96,22 +95,7 @@ def loss_fn(
         w = loss_weights[list(loss_types).index("sft")]
         terms["sft"] = -w * jnp.sum(jnp.where(valid, pc, 0.0))
 
-    def pair_mean(x):
-        return jnp.sum(jnp.where(valid, x, 0.0)), n_pairs
-
-    aux = {
-        "metrics": {
-            "rewards/chosen": pair_mean(rew_c),
-            "rewards/rejected": pair_mean(rew_r),
-            "rewards/margins": pair_mean(rew_c - rew_r),
-            "rewards/accuracies": pair_mean((rew_c > rew_r).astype(jnp.float32)),
-            "logps/chosen": pair_mean(pc),
-            "logps/rejected": pair_mean(pr),
-            "logits/chosen": (jnp.sum(mc), jnp.sum(lc)),
-            "logits/rejected": (jnp.sum(mr), jnp.sum(lr)),
-        },
-        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
-    }
+    aux = _pairs.preference_aux(batch, valid, (pc, pr), (lc, lr), (mc, mr), (rew_c, rew_r))
     return terms, aux
 
 

@@ -24,11 +24,6 @@ def loss_fn(params, batch, frozen, *, model, segments, logits_chunk, kind, beta,
     (pc, pr), (lc, lr), (mc, mr), valid = pair_logps(
         params, batch, model=model, segments=segments, logits_chunk=logits_chunk
     )
-    n_pairs = jnp.sum(valid)
-
-    def pair_mean(x):
-        return jnp.sum(jnp.where(valid, x, 0.0)), n_pairs
-
     metrics = {}
     if kind == "simpo":
         per, rew_c, rew_r = losses.simpo_loss(
@@ -44,24 +39,13 @@ def loss_fn(params, batch, frozen, *, model, segments, logits_chunk, kind, beta,
         }
         rew_c, rew_r = beta * ac, beta * ar
         metrics = {
-            "log_odds_ratio": pair_mean(ratio),
-            "log_odds_chosen": pair_mean(log_odds),
+            "log_odds_ratio": _pairs.pair_mean(ratio, valid),
+            "log_odds_chosen": _pairs.pair_mean(log_odds, valid),
             "nll_loss": (-jnp.sum(jnp.where(valid, pc, 0.0)), jnp.sum(lc)),
         }
-    aux = {
-        "metrics": {
-            "rewards/chosen": pair_mean(rew_c),
-            "rewards/rejected": pair_mean(rew_r),
-            "rewards/margins": pair_mean(rew_c - rew_r),
-            "rewards/accuracies": pair_mean((rew_c > rew_r).astype(jnp.float32)),
-            "logps/chosen": pair_mean(pc),
-            "logps/rejected": pair_mean(pr),
-            "logits/chosen": (jnp.sum(mc), jnp.sum(lc)),
-            "logits/rejected": (jnp.sum(mr), jnp.sum(lr)),
-            **metrics,
-        },
-        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
-    }
+    aux = _pairs.preference_aux(
+        batch, valid, (pc, pr), (lc, lr), (mc, mr), (rew_c, rew_r), extra=metrics
+    )
     return terms, aux
 
 
