@@ -98,6 +98,19 @@ PRESETS: dict[str, Config] = {
     ),
     "bench-tiny": Config(d_model=256, mlp_dim=688, n_layers=4, n_heads=4, n_kv_heads=4, **_BENCH),
     "bench-small": Config(d_model=512, mlp_dim=1408, n_layers=8, n_heads=8, n_kv_heads=8, **_BENCH),
+    # Llama-3.2-1B's shape (1.24B parameters, tied 128k vocabulary), for accelerator benchmarks.
+    "bench-1b": Config(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        mlp_dim=8192,
+        rope_theta=500000.0,
+        rms_eps=1e-5,
+        tie_embeddings=True,
+    ),
 }
 
 
