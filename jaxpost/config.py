@@ -31,7 +31,13 @@ def base_config() -> ml_collections.ConfigDict:
         train_path="builtin:arithmetic",
         eval_path="builtin:arithmetic",  # '' = no eval
         tfds_data_dir="~/tensorflow_datasets",  # where tfds:NAME datasets live
+        # "byte" (built-in), or a Hugging Face tokenizer directory / tokenizer.json / a
+        # SentencePiece .model; conversations use its Jinja chat template
         tokenizer="byte",
+        # assistant tokens of a chat template: auto (its {% generation %} markers if it has
+        # them, else prefix) | generation | prefix (see jaxpost.data.chat_template)
+        assistant_mask="auto",
+        chat_template_kwargs="",  # JSON object the template also sees, e.g. {"date_string": ...}
         seq_len=32,
         truncation="keep_start",  # keep_start | keep_end | drop (for too-long examples)
         max_eval_examples=0,  # 0 = the whole eval split

@@ -299,6 +299,8 @@ _RESUME_KEYS = (
     "objective",
     "data.train_path",
     "data.tokenizer",
+    "data.assistant_mask",
+    "data.chat_template_kwargs",
     "data.seq_len",
     "data.truncation",
     "data.skip_invalid",

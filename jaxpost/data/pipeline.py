@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from jaxpost.data import records as records_lib
 from jaxpost.data import sources
-from jaxpost.data.tokenizer import ByteTokenizer
+from jaxpost.data.tokenizer import load_tokenizer
 
 SFT_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 TRUNCATIONS = ("keep_start", "keep_end", "drop")
@@ -66,13 +67,33 @@ class DataStats:
         return text
 
 
-def make_tokenizer(data_config: Mapping[str, Any]) -> ByteTokenizer:
-    if data_config["tokenizer"] != "byte":
+def make_tokenizer(data_config: Mapping[str, Any]):
+    """The tokenizer `config.data.tokenizer` names: "byte" or a tokenizer directory/file, with
+    `data.assistant_mask` and `data.chat_template_kwargs` applied to its chat template."""
+    from jaxpost.data.chat_template import MASK_METHODS
+
+    method = data_config.get("assistant_mask", "auto")
+    if method not in MASK_METHODS:
+        raise ValueError(f"config.data.assistant_mask={method!r} is not one of {MASK_METHODS}")
+    raw = data_config.get("chat_template_kwargs", "") or "{}"
+    try:
+        kwargs = json.loads(raw)
+    except json.JSONDecodeError as e:
         raise ValueError(
-            f"config.data.tokenizer={data_config['tokenizer']!r}: only the built-in 'byte' "
-            "tokenizer is available in this version."
+            f"config.data.chat_template_kwargs={raw!r} is not valid JSON ({e.msg})"
+        ) from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"config.data.chat_template_kwargs={raw!r} must be a JSON object")
+    tok = load_tokenizer(data_config["tokenizer"])
+    if hasattr(tok, "chat_template"):
+        tok.mask_method = method
+        tok.template_kwargs = kwargs
+    elif method != "auto" or kwargs:
+        raise ValueError(
+            "config.data.assistant_mask and config.data.chat_template_kwargs apply to Hugging "
+            "Face chat templates; the built-in byte tokenizer has its own chat format"
         )
-    return ByteTokenizer()
+    return tok
 
 
 def _fit_length(ex: Example, limit: int, truncation: str) -> Example | None:
@@ -106,7 +127,7 @@ def _target_tokens(ex) -> int:
 def load_examples(
     spec: str,
     split: str,
-    tokenizer: ByteTokenizer,
+    tokenizer,
     *,
     kind: str = "sft",
     seq_len: int,
@@ -209,7 +230,7 @@ def load_mixture(spec: str, split: str, tokenizer, **kwargs):
     return sources, weights, total
 
 
-def load_sft_examples(spec: str, split: str, tokenizer: ByteTokenizer, **kwargs):
+def load_sft_examples(spec: str, split: str, tokenizer, **kwargs):
     return load_examples(spec, split, tokenizer, kind="sft", **kwargs)
 
 

@@ -6,8 +6,12 @@ SFT formats (TRL's names):
   * language modeling: `{"text": str}`.
 
 `mask[i] = 1` marks token `i` as a training target: assistant turns (with their end-of-turn token)
-for conversations, the completion (and `<eos>`) for prompt-completion, everything after `<bos>` for
-plain text. Extra fields in a record are ignored.
+for conversations, the completion (and EOS) for prompt-completion, everything after the first
+token for plain text. Extra fields in a record are ignored.
+
+Conversations go through the tokenizer's chat format (the byte tokenizer's own, or a Hugging Face
+Jinja template; see `jaxpost.data.chat_template` for how assistant tokens are found). Plain
+prompts and texts get the tokenizer's BOS rule (`prefix_ids`) and end with EOS.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxpost.data.tokenizer import ByteTokenizer
+from jaxpost.data.chat_template import TemplateError
 
 
 class DataError(ValueError):
@@ -52,22 +56,12 @@ def _check_assistant_content(messages: Sequence[tuple[str, str]], field: str, wh
             raise _fail(where, f"{field}[{i}] is an assistant turn with empty content")
 
 
-def _render_chat(
-    tok: ByteTokenizer, messages: Sequence[tuple[str, str]], n_prompt: int = 0
-) -> tuple[list[int], list[int]]:
-    """Render messages; assistant turns at index >= n_prompt are targets."""
-    ids, mask = [tok.bos_id], [0]
-    for i, (role, content) in enumerate(messages):
-        target = int(role == "assistant" and i >= n_prompt)
-        ids.append(tok.role_id(role))
-        mask.append(0)
-        body = tok.encode(content) + [tok.end_of_turn_id]
-        ids += body
-        mask += [target] * len(body)
-    last_is_target = mask[-1]
-    ids.append(tok.eos_id)
-    mask.append(last_is_target)
-    return ids, mask
+def _render_chat(tok, messages, where: str, first: int = 0) -> tuple[list[int], list[int], int]:
+    """The tokenizer's chat rendering; assistant turns at index >= `first` are targets."""
+    try:
+        return tok.chat(messages, first)
+    except TemplateError as e:
+        raise _fail(where, str(e)) from None
 
 
 def _text(record: Mapping, field: str, where: str) -> str:
@@ -77,14 +71,14 @@ def _text(record: Mapping, field: str, where: str) -> str:
     return value
 
 
-def tokenize_sft(record: Any, tok: ByteTokenizer, where: str) -> tuple[list[int], list[int]]:
+def tokenize_sft(record: Any, tok, where: str) -> tuple[list[int], list[int]]:
     """Token ids and target mask of one SFT record; raises DataError naming `where`."""
     if not isinstance(record, Mapping):
         raise _fail(where, f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         messages = _messages(record["messages"], "messages", where)
         _check_assistant_content(messages, "messages", where)
-        ids, mask = _render_chat(tok, messages)
+        ids, mask, _ = _render_chat(tok, messages, where)
     elif "prompt" in record or "completion" in record:
         for field in ("prompt", "completion"):
             if field not in record:
@@ -94,28 +88,32 @@ def tokenize_sft(record: Any, tok: ByteTokenizer, where: str) -> tuple[list[int]
             p = _messages(prompt, "prompt", where)
             c = _messages(completion, "completion", where)
             _check_assistant_content(c, "completion", where)
-            ids, mask = _render_chat(tok, p + c, n_prompt=len(p))
+            ids, mask, _ = _render_chat(tok, p + c, where, first=len(p))
         else:
             prompt, completion = _text(record, "prompt", where), _text(record, "completion", where)
             if not completion:
                 raise _fail(where, "empty completion: nothing to train on")
-            p_ids, c_ids = tok.encode(prompt), tok.encode(completion)
-            ids = [tok.bos_id] + p_ids + c_ids + [tok.eos_id]
-            mask = [0] * (1 + len(p_ids)) + [1] * (len(c_ids) + 1)
+            p_ids = list(tok.prefix_ids) + tok.encode(prompt)
+            c_ids = tok.encode(completion) + [tok.eos_id]
+            ids, mask = p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)
     elif "text" in record:
         text = _text(record, "text", where)
         if not text:
             raise _fail(where, "empty 'text'")
-        ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
-        mask = [0] + [1] * (len(ids) - 1)
+        ids = list(tok.prefix_ids) + tok.encode(text) + [tok.eos_id]
+        mask = [0] * max(1, len(tok.prefix_ids)) + [1] * (len(ids) - max(1, len(tok.prefix_ids)))
     else:
         raise _fail(
             where,
             "record matches no SFT format: expected 'messages', 'prompt'+'completion' or 'text'; "
             f"found keys {sorted(record)}",
         )
-    if not any(mask):
-        raise _fail(where, "no tokens to train on (no assistant turn with content)")
+    if not any(mask[1:]):
+        raise _fail(
+            where,
+            "no tokens to train on: the loss mask is all zero (no assistant turn after the "
+            "first token, or the chat template rendered none)",
+        )
     return ids, mask
 
 
@@ -125,15 +123,6 @@ def tokenize_sft(record: Any, tok: ByteTokenizer, where: str) -> tuple[list[int]
 # (explicit prompt), or {"chosen": [...], "rejected": [...]} conversations whose shared leading
 # messages are the prompt (implicit prompt). The prompt is tokenised once and both completions
 # continue it, so the two sequences agree token for token up to where they differ.
-
-
-def _chat_body(tok: ByteTokenizer, messages: Sequence[tuple[str, str]], target: bool):
-    ids, mask = [], []
-    for role, content in messages:
-        body = tok.encode(content) + [tok.end_of_turn_id]
-        ids += [tok.role_id(role)] + body
-        mask += [0] + [int(target and role == "assistant")] * len(body)
-    return ids, mask
 
 
 def _split_implicit_prompt(chosen, rejected, where):
@@ -146,7 +135,7 @@ def _split_implicit_prompt(chosen, rejected, where):
 
 
 def tokenize_preference(
-    record: Any, tok: ByteTokenizer, where: str
+    record: Any, tok, where: str
 ) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]]]:
     """`(prompt_ids, (chosen_ids, chosen_mask), (rejected_ids, rejected_mask))` of one record.
 
@@ -179,7 +168,7 @@ def tokenize_preference(
                 raise _fail(where, f"empty {field} completion")
         if chosen == rejected:
             raise _fail(where, "chosen and rejected are identical")
-        prompt_ids = [tok.bos_id] + tok.encode(prompt)
+        prompt_ids = list(tok.prefix_ids) + tok.encode(prompt)
         c_ids, r_ids = (tok.encode(c) + [tok.eos_id] for c in (chosen, rejected))
         return prompt_ids, (c_ids, [1] * len(c_ids)), (r_ids, [1] * len(r_ids))
     if "prompt" in record:
@@ -188,12 +177,16 @@ def tokenize_preference(
         rejected = _messages(rejected, "rejected", where)
         if chosen == rejected:
             raise _fail(where, "chosen and rejected are identical")
-    result = []
+    result, prompts = [], []
     for field, msgs in (("chosen", chosen), ("rejected", rejected)):
         _check_assistant_content(msgs, field, where)
-        ids, mask = _chat_body(tok, msgs, target=True)
-        if not any(mask):
-            raise _fail(where, f"{field!r} has no assistant turn to train on")
-        result.append((ids + [tok.eos_id], mask + [mask[-1]]))
-    prompt_ids, _ = _chat_body(tok, prompt, target=False)
-    return [tok.bos_id] + prompt_ids, result[0], result[1]
+        ids, mask, prompt_len = _render_chat(tok, list(prompt) + list(msgs), where, len(prompt))
+        if not any(mask[prompt_len:]):
+            raise _fail(where, f"{field!r} has no assistant turn to train on (all-zero mask)")
+        prompts.append(ids[:prompt_len])
+        result.append((ids[prompt_len:], mask[prompt_len:]))
+    if prompts[0] != prompts[1]:
+        raise _fail(
+            where, "the chat template tokenises the prompt differently for chosen and rejected"
+        )
+    return prompts[0], result[0], result[1]
