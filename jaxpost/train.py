@@ -581,6 +581,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 layout=layout,
                 peak_and_source=peak,
                 objective=objective,
+                data_stats={"train": train_stats, "eval": eval_stats},
             )
         finally:
             # Let a save already under way finish (even when stopping on an error), so the
@@ -716,11 +717,19 @@ def _loop(
     layout,
     peak_and_source,
     objective,
+    data_stats=None,
 ):
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(
         workdir, tensorboard=bool(config.log.tensorboard), enabled=is_main
     )
+    # What data loading kept, cut and skipped, as metrics at the run's first step.
+    data_scalars = {
+        f"data/{split}_{field}": getattr(stats, field)
+        for split, stats in (data_stats or {}).items()
+        if stats is not None
+        for field in ("records", "truncated", "dropped", "skipped", "target_tokens")
+    }
     peak, peak_source = peak_and_source
     # Pairs are two sequences each; a frozen reference adds one forward pass (2N of 6N).
     sequences = layout.global_batch * (2 if objective.data_kind == "pairs" else 1)
@@ -732,6 +741,8 @@ def _loop(
     flops_per_step = per_token * sequences * int(config.data.seq_len)
     log.info("MFU divides by %.3g FLOP/s (%s)", peak, peak_source)
     start = int(jax.device_get(state.step))
+    if data_scalars:
+        writer.write(start, data_scalars)
     every = {k: int(config[k].every_steps) for k in ("log", "eval", "checkpoint")}
 
     def run_eval(step):

@@ -271,3 +271,23 @@ def test_parquet_rows_are_records(tmp_path):
         str(path), "train", TOK, kind="pairs", seq_len=32, skip_invalid=True
     )
     assert len(ex) == 1 and stats.skipped == 1
+
+
+def test_array_record_files_are_sources(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = tmp_path / "chat.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(5)]
+    for row in rows:
+        writer.write(json.dumps(row).encode())
+    writer.close()
+    got = list(sources.read_records(str(tmp_path / "*.array_record"), "train"))
+    assert [r for r, _ in got] == rows
+    assert got[3][1] == f"{path}[record 3]"
+    bad = tmp_path / "bad.array_record"
+    writer = ArrayRecordWriter(str(bad), "group_size:1")
+    writer.write(b"\xff not json")
+    writer.close()
+    with pytest.raises(records.DataError, match=r"bad.array_record\[record 0\]: not a UTF-8 JSON"):
+        list(sources.read_records(str(bad), "train"))

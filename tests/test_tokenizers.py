@@ -273,6 +273,7 @@ def test_sft_trains_with_a_hugging_face_tokenizer_and_chat_template(tmp_path):
     with data.open("w") as f:
         for case in EXPECTED["families"]["llama3"]["cases"] * 4:
             f.write(json.dumps({"messages": case["messages"]}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
     config = smoke_config(
         **{
             "data.tokenizer": str(FIXTURES / "llama3"),
@@ -281,7 +282,15 @@ def test_sft_trains_with_a_hugging_face_tokenizer_and_chat_template(tmp_path):
             "data.seq_len": 96,
             "model.vocab_size": 768,
             "train.num_steps": 6,
+            "data.skip_invalid": True,
         }
     )
     summary = train_lib.train(config, str(tmp_path / "run"))
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    # The record without a reply is skipped, counted by reason, and reported as metrics.
+    assert summary["train_data"]["skipped"] == 1
+    assert "all zero" in next(iter(summary["train_data"]["skip_reasons"]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    first = next(r for r in rows if "data/train_skipped" in r)
+    assert first["step"] == 0 and first["data/train_skipped"] == 1
+    assert first["data/train_records"] == 21

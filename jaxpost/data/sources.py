@@ -1,5 +1,6 @@
-"""Where records come from: local JSONL or Parquet files (globs), TFDS datasets made by
-`jaxpost data prepare` (`tfds:NAME[:SPLIT]`), or a built-in task (`builtin:NAME`).
+"""Where records come from: local JSONL, Parquet or ArrayRecord files (globs; an ArrayRecord
+record is one JSON object), TFDS datasets made by `jaxpost data prepare` (`tfds:NAME[:SPLIT]`), or
+a built-in task (`builtin:NAME`).
 
 Every record is returned with its location (`path:line`, or `builtin:NAME[i]`) so later errors can
 name it.
@@ -120,6 +121,29 @@ def read_parquet(pattern: str) -> Iterator[tuple[dict, str]]:
             yield row, f"{path}[row {i}]"
 
 
+def read_array_record(pattern: str) -> Iterator[tuple[dict, str]]:
+    """Records of ArrayRecord files, each record one JSON object in UTF-8 (`path[record i]`)."""
+    import grain
+
+    for path in expand_paths(pattern):
+        try:
+            source = grain.sources.ArrayRecordDataSource([path])
+        except Exception as e:  # array_record raises several types for a bad file
+            raise DataError(f"{path}: cannot read as ArrayRecord ({e})") from None
+        for i in range(len(source)):
+            where = f"{path}[record {i}]"
+            raw = source[i]
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise DataError(
+                    f"{where}: not a UTF-8 JSON record (ArrayRecord sources hold one JSON object "
+                    "per record; for datasets written by TFDS or `jaxpost data prepare` use "
+                    "tfds:NAME)"
+                ) from None
+            yield record, where
+
+
 def _read_unsliced(spec: str, split: str, tfds_data_dir: str) -> Iterator[tuple[dict, str]]:
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX) :]
@@ -136,6 +160,9 @@ def _read_unsliced(spec: str, split: str, tfds_data_dir: str) -> Iterator[tuple[
         return
     if spec.endswith(".parquet"):
         yield from read_parquet(spec)
+        return
+    if ".array_record" in os.path.basename(spec):
+        yield from read_array_record(spec)
         return
     yield from read_jsonl(spec)
 
