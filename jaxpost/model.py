@@ -9,6 +9,7 @@ Hugging Face Llama checkpoint (each tensor a reshape/transpose of one HF tensor)
   layers/attn/v/kernel [n, D, K, Dh]     layers.i.self_attn.v_proj.weight
   layers/attn/o/kernel [n, H, Dh, D]     layers.i.self_attn.o_proj.weight
   layers/attn/{q,k,v}/bias               ..._proj.bias (qkv_bias=True, Qwen2)
+  layers/attn/{q,k}_norm/scale [n, Dh]   self_attn.{q,k}_norm.weight (qk_norm=True, Qwen3)
   layers/mlp/{gate,up}/kernel [n, D, F]  layers.i.mlp.{gate,up}_proj.weight
   layers/mlp/down/kernel [n, F, D]       layers.i.mlp.down_proj.weight
   layers/attn_norm/scale, mlp_norm/scale input_layernorm, post_attention_layernorm
@@ -25,6 +26,7 @@ Dh head dim, F mlp width, V vocabulary, n layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -50,6 +52,15 @@ class Config:
     rms_eps: float = 1e-6
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
+    # RoPE frequency scaling: "" (none), "linear" (positions / factor) or "llama3" (Llama 3.1's
+    # wavelength-dependent scaling, with the low/high frequency factors and original context)
+    rope_scaling: str = ""
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    sliding_window: int = 0  # >0: each token attends to at most this many (itself included)
     init_std: float = 0.02
     dtype: str = "float32"  # activations and matmuls
     param_dtype: str = "float32"
@@ -62,6 +73,12 @@ class Config:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if self.mlp_dim <= 0:
             problems.append(f"mlp_dim={self.mlp_dim} must be positive")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            problems.append(f"rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        if self.rope_scaling and self.rope_factor <= 0:
+            problems.append(f"rope_factor={self.rope_factor} must be positive")
+        if self.sliding_window < 0:
+            problems.append(f"sliding_window={self.sliding_window} must be >= 0")
         if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
             problems.append(
                 f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (grouped-query "
@@ -77,6 +94,8 @@ class Config:
         if problems:
             raise ValueError("Invalid model config (config.model): " + "; ".join(problems))
 
+
+ROPE_SCALINGS = ("", "linear", "llama3")
 
 REMAT_POLICIES = {
     "none": None,  # keep every activation
@@ -131,13 +150,14 @@ def _constrain(x, names: tuple[str | None, ...]):
 
 class RMSNorm(nn.Module):
     config: Config
+    axis_name: str = "norm"
 
     @nn.compact
     def __call__(self, x_BLD):
         cfg = self.config
         scale_D = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
             (x_BLD.shape[-1],),
             jnp.dtype(cfg.param_dtype),
         )
@@ -147,10 +167,35 @@ class RMSNorm(nn.Module):
         return (scale_D * x.astype(x_BLD.dtype)).astype(cfg.dtype)
 
 
-def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:
+def rope_frequencies(config: Config) -> jax.Array:
+    """Inverse frequencies `[Dh/2]` of the rotary embedding, with the configured scaling (as
+    transformers' `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`
+    and `_compute_llama3_parameters`)."""
+    c = config
+    inv_freq = 1.0 / (
+        c.rope_theta ** (jnp.arange(0, c.head_dim, 2, dtype=jnp.float32) / c.head_dim)
+    )
+    if c.rope_scaling == "linear":
+        return inv_freq / c.rope_factor
+    if c.rope_scaling == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band between the two
+        # thresholds interpolated smoothly.
+        low_wavelen = c.rope_original_max_position / c.rope_low_freq_factor
+        high_wavelen = c.rope_original_max_position / c.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / c.rope_factor, inv_freq)
+        smooth = (c.rope_original_max_position / wavelen - c.rope_low_freq_factor) / (
+            c.rope_high_freq_factor - c.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(positions_BL: jax.Array, config: Config) -> tuple[jax.Array, ...]:
     """cos and sin tables `[B, L, Dh]` for transformers-style rotary embeddings."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BLd = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    angles_BLd = positions_BL.astype(jnp.float32)[..., None] * rope_frequencies(config)
     angles_BLD = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)
     return jnp.cos(angles_BLD), jnp.sin(angles_BLD)
 
@@ -164,12 +209,16 @@ def apply_rope(x_BLHD: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> jax
     return out.astype(x_BLHD.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
-    """`[B, 1, L, L]` boolean: causal and within the same segment (packed rows never mix)."""
+def attention_mask(segment_ids_BL: jax.Array, sliding_window: int = 0) -> jax.Array:
+    """`[B, 1, L, L]` boolean: causal and within the same segment (packed rows never mix), and
+    with `sliding_window > 0` at most that many positions back (the query's own included)."""
     L = segment_ids_BL.shape[-1]
-    causal_LL = jnp.tril(jnp.ones((L, L), dtype=bool))
+    q_L1, k_1L = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+    allowed_LL = k_1L <= q_L1
+    if sliding_window > 0:
+        allowed_LL &= q_L1 - k_1L < sliding_window
     same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    return (causal_LL[None] & same_BLL)[:, None]
+    return (allowed_LL[None] & same_BLL)[:, None]
 
 
 def _param(module: nn.Module, name: str, shape, axes, init) -> jax.Array:
@@ -218,6 +267,9 @@ class Attention(nn.Module):
         k_BLKD = proj("k", K, "kv_heads")(x_BLD)
         v_BLKD = proj("v", K, "kv_heads")(x_BLD)
         q_BLHD = _constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
+        if cfg.qk_norm:
+            q_BLHD = RMSNorm(cfg, "head_dim", name="q_norm")(q_BLHD)
+            k_BLKD = RMSNorm(cfg, "head_dim", name="k_norm")(k_BLKD)
         q_BLHD = apply_rope(q_BLHD, cos_BLD, sin_BLD)
         k_BLKD = apply_rope(k_BLKD, cos_BLD, sin_BLD)
         # Grouped-query attention: dot_product_attention shares each kv head among H/K queries.
@@ -297,8 +349,8 @@ class Decoder(nn.Module):
         )
         x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
-        cos_BLD, sin_BLD = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
-        mask_B1LL = attention_mask(segment_ids_BL)
+        cos_BLD, sin_BLD = rope_tables(positions_BL, cfg)
+        mask_B1LL = attention_mask(segment_ids_BL, cfg.sliding_window)
 
         block = Block
         if cfg.remat != "none":
@@ -327,6 +379,19 @@ class Decoder(nn.Module):
             )
         logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, unembed_DV.astype(cfg.dtype))
         return _constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward_logits(
+    config: Config,
+    params: Params,
+    tokens_BL: jax.Array,
+    positions_BL: jax.Array | None = None,
+    segment_ids_BL: jax.Array | None = None,
+) -> jax.Array:
+    """Float32 logits `[B, L, V]` of `Decoder(config)` with `params` (the plain pytree)."""
+    logits_BLV = Decoder(config).apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL)
+    return logits_BLV.astype(jnp.float32)
 
 
 def unembedding(params: Params, config: Config) -> jax.Array:

@@ -90,7 +90,10 @@ def test_rotary_embedding_matches_transformers_rotate_half():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 3, 2, 8)).astype(np.float32)
     pos = np.array([[0, 4, 7]])
-    cos, sin = model_lib.rope_tables(jnp.asarray(pos), 8, 10000.0)
+    config = model_lib.Config(
+        vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, mlp_dim=8
+    )
+    cos, sin = model_lib.rope_tables(jnp.asarray(pos), config)
     got = np.asarray(model_lib.apply_rope(jnp.asarray(x), cos, sin))
     # transformers: inv_freq = 1/theta^(arange(0,d,2)/d); emb = cat(freqs, freqs);
     # q*cos + rotate_half(q)*sin with rotate_half(x) = cat(-x2, x1).
@@ -167,4 +170,51 @@ def test_flops_per_token_by_hand():
     assert model_lib.flops_per_token(cfg, 256) == 31_555_584 + 3_145_728
     assert model_lib.flops_per_token(cfg, 256, lm_head=False) == (
         6 * (4 * 790_528 + 256) + 3_145_728
+    )
+
+
+def test_llama3_rope_scaling_matches_the_published_formula():
+    """Llama 3.1's frequency scaling, re-derived in numpy from the reference implementation's
+    description: wavelengths above original/low_freq are divided by factor, below
+    original/high_freq kept, and interpolated in between."""
+    config = model_lib.Config(
+        vocab_size=8,
+        d_model=64,
+        n_layers=1,
+        n_heads=1,
+        n_kv_heads=1,
+        head_dim=64,
+        mlp_dim=8,
+        rope_theta=500000.0,
+        rope_scaling="llama3",
+        rope_factor=32.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_position=8192,
+    )
+    inv = 1.0 / 500000.0 ** (np.arange(0, 64, 2) / 64)
+    want = []
+    for f in inv:
+        wavelen = 2 * np.pi / f
+        if wavelen < 8192 / 4.0:
+            want.append(f)
+        elif wavelen > 8192 / 1.0:
+            want.append(f / 32.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            want.append((1 - smooth) * f / 32.0 + smooth * f)
+    got = np.asarray(model_lib.rope_frequencies(config))
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-5)
+    assert (got < inv).any() and (got == inv.astype(np.float32)).any()  # both regimes occur
+    linear = dataclasses.replace(config, rope_scaling="linear", rope_factor=4.0)
+    np.testing.assert_allclose(model_lib.rope_frequencies(linear), inv / 4.0, rtol=1e-5)
+
+
+def test_sliding_window_mask():
+    seg = jnp.ones((1, 5), jnp.int32)
+    mask = np.asarray(model_lib.attention_mask(seg, sliding_window=2))[0, 0]
+    want = np.array([[abs(q - k) < 2 and k <= q for k in range(5)] for q in range(5)])
+    np.testing.assert_array_equal(mask, want)
+    np.testing.assert_array_equal(
+        np.asarray(model_lib.attention_mask(seg))[0, 0], np.tril(np.ones((5, 5), bool))
     )

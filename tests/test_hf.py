@@ -1,0 +1,211 @@
+"""Hugging Face checkpoints: jaxpost's logits equal transformers' (fixtures by
+tools/make_hf_fixtures.py), sharded loading, lossless export round trip, clear errors."""
+
+import json
+import os
+import pathlib
+import shutil
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpost import hf, sharding
+from jaxpost import model as model_lib
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
+CAUSAL = ["llama", "llama3_tied", "mistral", "qwen2_bf16", "qwen3"]
+
+
+def _expected(name):
+    return np.load(FIXTURES / name / "expected.npz")
+
+
+def _close(got, want):
+    # float32 throughout on both sides; differences come from summation order over
+    # D=32-wide dot products through two layers: a few ulps of the logit scale.
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_logits_match_transformers(name):
+    config, params = hf.load_pretrained(str(FIXTURES / name))
+    expected = _expected(name)
+    logits = np.asarray(hf.logits(config, params, expected["input_ids"]))
+    assert logits.shape == expected["logits"].shape
+    _close(logits, expected["logits"])
+
+
+def test_architecture_features_are_read_from_config():
+    features = {name: hf.read_config(str(FIXTURES / name))[0] for name in CAUSAL}
+    assert features["llama3_tied"].rope_scaling == "llama3"
+    assert features["llama3_tied"].tie_embeddings and features["qwen2_bf16"].tie_embeddings
+    assert features["mistral"].sliding_window == 4
+    assert features["qwen2_bf16"].qkv_bias and features["qwen2_bf16"].rope_theta == 1e6
+    assert features["qwen3"].qk_norm
+    assert not features["llama"].tie_embeddings
+    # Every feature matters: switching it off changes the logits.
+    expected = _expected("llama3_tied")
+    config, params = hf.load_pretrained(str(FIXTURES / "llama3_tied"))
+    import dataclasses
+
+    plain = dataclasses.replace(config, rope_scaling="")
+    off = np.asarray(hf.logits(plain, params, expected["input_ids"]))
+    assert np.abs(off - expected["logits"]).max() > 1e-3
+
+
+def test_reward_model_scores_match_transformers():
+    config, params = hf.load_pretrained(str(FIXTURES / "llama_rm"))
+    assert set(params) == {"decoder", "score"}
+    expected = _expected("llama_rm")
+    ids = expected["input_ids"]
+    rewards = model_lib.RewardModel(config).apply({"params": params}, ids)
+    seg = np.ones_like(ids)
+    scores = np.asarray(model_lib.last_token_values(rewards, seg))
+    _close(scores, expected["scores"])
+
+
+def test_sharded_loading_gives_each_device_its_slice():
+    config, kind = hf.read_config(str(FIXTURES / "llama"))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    boxed = jax.eval_shape(
+        model_lib.Decoder(config).init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)
+    )
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        shardings = sharding.logical_shardings(boxed, mesh)["params"]
+    shapes = sharding.strip_boxes(boxed)["params"]
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, np.float32, sharding=sh), shapes, shardings
+    )
+    params = hf.load_params(str(FIXTURES / "llama"), config, kind, target=target)
+    reference = hf.load_params(str(FIXTURES / "llama"), config, kind)
+    for got, want, sh in zip(
+        jax.tree.leaves(params), jax.tree.leaves(reference), jax.tree.leaves(shardings), strict=True
+    ):
+        assert got.sharding == sh
+        np.testing.assert_array_equal(np.asarray(got), want)
+    q = params["layers"]["attn"]["q"]["kernel"]
+    assert not q.sharding.is_fully_replicated
+    assert q.addressable_shards[0].data.size < q.size  # no device holds the whole tensor
+
+
+@pytest.mark.parametrize("name", CAUSAL + ["llama_rm"])
+def test_export_round_trip_is_lossless(tmp_path, name):
+    config, params = hf.load_pretrained(str(FIXTURES / name))
+    out = hf.save_pretrained(str(tmp_path / name), config, params, max_shard_bytes=20_000)
+    config2, params2 = hf.load_pretrained(out)
+    assert config2 == config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    files = os.listdir(out)
+    assert "model.safetensors.index.json" in files and "config.json" in files
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".jaxpost-export")]
+
+
+def test_exported_files_are_standard_safetensors(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    config, params = hf.load_pretrained(str(FIXTURES / "qwen3"))
+    out = hf.save_pretrained(str(tmp_path / "q"), config, params)
+    tensors = safetensors_numpy.load_file(os.path.join(out, "model.safetensors"))
+    original = hf.Tensors(str(FIXTURES / "qwen3"))
+    assert set(tensors) == set(original.names())
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, np.asarray(original.get(name)))
+
+
+def test_bfloat16_export_and_config_fields(tmp_path):
+    config, params = hf.load_pretrained(str(FIXTURES / "qwen2_bf16"))
+    out = hf.save_pretrained(str(tmp_path / "b"), config, params, dtype="bfloat16")
+    with open(os.path.join(out, "model.safetensors"), "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    hf_config = json.loads((pathlib.Path(out) / "config.json").read_text())
+    assert hf_config["architectures"] == ["Qwen2ForCausalLM"]
+    assert hf_config["torch_dtype"] == "bfloat16" and hf_config["tie_word_embeddings"]
+    # The stored values were bf16 to begin with: exporting them in bf16 loses nothing.
+    _, params2 = hf.load_pretrained(out)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _copy(name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(FIXTURES / name, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    return dst
+
+
+def test_bad_checkpoints_name_the_problem(tmp_path):
+    d = _copy("llama", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(hf.HFError, match=r"architectures=\['GPT2LMHeadModel'\] is not supported"):
+        hf.read_config(str(d))
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(hf.HFError, match="hidden_act='gelu'"):
+        hf.read_config(str(d))
+    bad = {k: v for k, v in cfg.items() if k != "intermediate_size"}
+    (d / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(hf.HFError, match="config.json: missing field 'intermediate_size'"):
+        hf.read_config(str(d))
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    with pytest.raises(hf.HFError, match=r"mlp.gate_proj.weight' has shape \[64, 32\]"):
+        hf.load_pretrained(str(d))
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(hf.HFError, match="shard 'model-00002-of-00003.safetensors'.*missing"):
+        hf.load_pretrained(str(d))
+    (d / "model.safetensors.index.json").unlink()
+    with pytest.raises(hf.HFError, match="no model.safetensors"):
+        hf.load_pretrained(str(d))
+
+
+def test_unknown_dtype_and_missing_tensor(tmp_path):
+    d = _copy("qwen3", tmp_path)
+    path = d / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["model.norm.weight"]["dtype"] = "Q7"
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (n - len(blob)) if len(blob) <= n else b""
+    assert len(blob) == n
+    path.write_bytes(raw[:8] + blob + raw[8 + n :])
+    with pytest.raises(hf.HFError, match="'model.norm.weight' has unknown dtype 'Q7'"):
+        hf.load_pretrained(str(d))
+    del header["model.norm.weight"]
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    hf.write_safetensors(
+        str(path), {k: np.zeros(v["shape"], np.float32) for k, v in tensors.items()}
+    )
+    with pytest.raises(hf.HFError, match="tensor 'model.norm.weight' is missing"):
+        hf.load_pretrained(str(d))
+
+
+def test_export_refuses_to_overwrite_and_leaves_nothing_partial(tmp_path, monkeypatch):
+    config, params = hf.load_pretrained(str(FIXTURES / "llama"))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        hf.save_pretrained(str(occupied), config, params)
+    assert os.listdir(occupied) == ["keep.txt"]
+    bad = jax.tree.map(lambda x: x, params)
+    bad["lm_head"] = bad["lm_head"][:, :10]
+    with pytest.raises(ValueError, match="lm_head has shape"):
+        hf.save_pretrained(str(tmp_path / "x"), config, bad)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "write_safetensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        hf.save_pretrained(str(tmp_path / "y"), config, params)
+    assert sorted(os.listdir(tmp_path)) == ["occupied"]
