@@ -32,8 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
         eval_path="builtin:arithmetic",  # '' = no eval
         tfds_data_dir="~/tensorflow_datasets",  # where tfds:NAME datasets live
         # "byte" (built-in), or a Hugging Face tokenizer directory / tokenizer.json / a
-        # SentencePiece .model; conversations use its Jinja chat template
-        tokenizer="byte",
+        # SentencePiece .model; conversations use its Jinja chat template. '' = init.hf_dir's
+        # tokenizer if set, else "byte"
+        tokenizer="",
         # assistant tokens of a chat template: auto (its {% generation %} markers if it has
         # them, else prefix) | generation | prefix (see jaxpost.data.chat_template)
         assistant_mask="auto",
@@ -67,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
         center_rewards_coefficient=0.0,
     )
     c.init = dict(
+        # a Hugging Face model directory: its architecture replaces model.* (except dtype,
+        # param_dtype, remat), its tokenizer is the default data.tokenizer, and its weights
+        # start training unless init.workdir is also set
+        hf_dir="",
         workdir="",  # start from the params of this run's checkpoint (e.g. an SFT workdir)
         step=-1,  # -1 = its latest checkpoint
     )

@@ -221,6 +221,24 @@ def attention_mask(segment_ids_BL: jax.Array, sliding_window: int = 0) -> jax.Ar
     return (allowed_LL[None] & same_BLL)[:, None]
 
 
+def cache_mask(positions_BL: jax.Array, num_slots: int, sliding_window: int = 0) -> jax.Array:
+    """`[B, 1, L, S]` boolean for attention over a KV cache: slot j is visible to a token at
+    position p when j <= p (and p - j < sliding_window, if set)."""
+    slots_S = jnp.arange(num_slots)
+    pos_BL1 = positions_BL[..., None]
+    allowed = slots_S <= pos_BL1
+    if sliding_window > 0:
+        allowed &= pos_BL1 - slots_S < sliding_window
+    return allowed[:, None]
+
+
+def init_cache(config: Config, batch: int, num_slots: int, dtype=None) -> Params:
+    """An empty KV cache `{"k", "v"}: [n_layers, batch, num_slots, K, Dh]` for `Decoder`."""
+    shape = (config.n_layers, batch, num_slots, config.n_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
 def _param(module: nn.Module, name: str, shape, axes, init) -> jax.Array:
     """A logically annotated parameter, cast to the compute dtype."""
     cfg = module.config
@@ -255,7 +273,10 @@ class Attention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LL):
+    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL=None, cache=None):
+        """With `cache` ({"k", "v"}: `[B, S, K, Dh]`), the new keys and values are written at
+        slots `positions_BL` and attention reads the whole cache (mask `[B, 1, L, S]`); returns
+        `(out, new_cache)`. Without: `(out, None)`."""
         cfg = self.config
         D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
@@ -272,12 +293,19 @@ class Attention(nn.Module):
             k_BLKD = RMSNorm(cfg, "head_dim", name="k_norm")(k_BLKD)
         q_BLHD = apply_rope(q_BLHD, cos_BLD, sin_BLD)
         k_BLKD = apply_rope(k_BLKD, cos_BLD, sin_BLD)
+        new_cache = None
+        if cache is not None:
+            rows_B1 = jnp.arange(x_BLD.shape[0])[:, None]
+            k_BSKD = cache["k"].at[rows_B1, positions_BL].set(k_BLKD.astype(cache["k"].dtype))
+            v_BSKD = cache["v"].at[rows_B1, positions_BL].set(v_BLKD.astype(cache["v"].dtype))
+            new_cache = {"k": k_BSKD, "v": v_BSKD}
+            k_BLKD, v_BLKD = k_BSKD.astype(cfg.dtype), v_BSKD.astype(cfg.dtype)
         # Grouped-query attention: dot_product_attention shares each kv head among H/K queries.
-        out_BLHD = jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LL)
+        out_BLHD = jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS)
         out_BLHD = _constrain(out_BLHD, ("act_batch", "act_length", "act_heads", None))
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         o_axes = ("heads", "head_dim", "embed")
-        return Dense(cfg, (H, Dh), (D,), o_axes, out_std, name="o")(out_BLHD)
+        return Dense(cfg, (H, Dh), (D,), o_axes, out_std, name="o")(out_BLHD), new_cache
 
 
 class Mlp(nn.Module):
@@ -300,14 +328,17 @@ class Block(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LL):
+    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache):
         cfg = self.config
         h_BLD = RMSNorm(cfg, name="attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(cfg, name="attn")(h_BLD, cos_BLD, sin_BLD, mask_B1LL)
+        attn_BLD, cache = Attention(cfg, name="attn")(
+            h_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache
+        )
+        x_BLD = x_BLD + attn_BLD
         h_BLD = RMSNorm(cfg, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + Mlp(cfg, name="mlp")(h_BLD)
         x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
-        return x_BLD, None
+        return x_BLD, cache
 
 
 class Decoder(nn.Module):
@@ -323,6 +354,7 @@ class Decoder(nn.Module):
         segment_ids_BL: jax.Array | None = None,
         *,
         return_hidden: bool = False,
+        cache: Params | None = None,
     ) -> jax.Array:
         """Forward pass.
 
@@ -333,6 +365,10 @@ class Decoder(nn.Module):
             packed row never attends across documents. Default: one segment per row.
           return_hidden: return the final-norm hidden states `[B, L, D]` instead of logits, for
             chunked log-probs (`losses.chunked_token_logps` with `unembedding(params, cfg)`).
+          cache: for sampling (`init_cache`): keys and values of earlier tokens per layer,
+            `{"k", "v"}: [n, B, S, K, Dh]`. The new tokens' keys and values are written at slots
+            `positions_BL`, each token attends to the slots up to its position, and the result
+            is `(logits, new_cache)`. Segment ids are not used with a cache.
         """
         cfg = self.config
         B, L = tokens_BL.shape
@@ -350,7 +386,10 @@ class Decoder(nn.Module):
         x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
         cos_BLD, sin_BLD = rope_tables(positions_BL, cfg)
-        mask_B1LL = attention_mask(segment_ids_BL, cfg.sliding_window)
+        if cache is None:
+            mask_B1LS = attention_mask(segment_ids_BL, cfg.sliding_window)
+        else:
+            mask_B1LS = cache_mask(positions_BL, cache["k"].shape[2], cfg.sliding_window)
 
         block = Block
         if cfg.remat != "none":
@@ -359,11 +398,11 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        x_BLD, _ = layers(x_BLD, cos_BLD, sin_BLD, mask_B1LL)
+        x_BLD, new_cache = layers(x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         if return_hidden:
             return x_BLD
@@ -378,7 +417,8 @@ class Decoder(nn.Module):
                 jnp.dtype(cfg.param_dtype),
             )
         logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, unembed_DV.astype(cfg.dtype))
-        return _constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+        logits_BLV = _constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+        return logits_BLV if cache is None else (logits_BLV, new_cache)
 
 
 @functools.partial(jax.jit, static_argnums=0)

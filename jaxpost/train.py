@@ -311,6 +311,7 @@ _RESUME_KEYS = (
     "train.global_batch",
     "train.accum_steps",
     "init.workdir",
+    "init.hf_dir",
     "init.step",
 )
 _RESUME_MODEL_EXEMPT = ("dtype", "remat")
@@ -338,11 +339,13 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             for k, v in tree.get("objective", {}).items()
             if k not in _RESUME_OBJECTIVE_EXEMPT and k in saved_objective
         }
+    defaults = {f.name: f.default for f in dataclasses.fields(model_lib.Config)}
+    saved_model = {**defaults, **saved.get("model", {})}
+    current_model = {**defaults, **current["model"]}
     problems = [
-        f"model.{k}: {saved.get('model', {}).get(k)!r} there, {current['model'].get(k)!r} here"
-        for k in sorted(set(saved.get("model", {})) | set(current["model"]))
-        if k not in _RESUME_MODEL_EXEMPT
-        and saved.get("model", {}).get(k) != current["model"].get(k)
+        f"model.{k}: {saved_model.get(k)!r} there, {current_model.get(k)!r} here"
+        for k in sorted(set(saved_model) | set(current_model))
+        if k not in _RESUME_MODEL_EXEMPT and saved_model.get(k) != current_model.get(k)
     ]
     problems += [
         f"{k}: {_get(saved, k)!r} there, {_get(current, k)!r} here"
@@ -410,6 +413,36 @@ def _load_data(config, objective, tokenizer, layout):
     return (train_sources, train_weights), eval_examples, train_stats, eval_stats
 
 
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat")
+
+
+def resolve_hf_dir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """With `init.hf_dir`: a copy of `config` whose model is that directory's architecture (the
+    compute settings dtype/param_dtype/remat stay) and whose tokenizer defaults to it."""
+    src = config.init.hf_dir
+    if not src:
+        if not config.data.tokenizer:
+            config = config.copy_and_resolve_references()
+            config.data.tokenizer = "byte"
+        return config
+    from jaxpost import hf
+
+    hf_config, kind = hf.read_config(src)
+    if kind == "reward" and config.objective.name != "rm":
+        raise ValueError(
+            f"config.init.hf_dir={src!r} is a reward model (sequence classifier); "
+            f"objective {config.objective.name!r} needs a causal LM"
+        )
+    config = config.copy_and_resolve_references()
+    arch = dataclasses.asdict(hf_config)
+    for k in _COMPUTE_FIELDS:
+        arch[k] = config.model[k]
+    config.model = arch
+    if not config.data.tokenizer:
+        config.data.tokenizer = src
+    return config
+
+
 def _check_init_workdir(config) -> None:
     src = config.init.workdir
     if not src:
@@ -422,9 +455,14 @@ def _check_init_workdir(config) -> None:
     if not epath.Path(ckpt.checkpoint_dir(src)).exists():
         raise FileNotFoundError(f"config.init.workdir={src!r} holds no checkpoints.")
     saved = json.loads(path.read_text()).get("model", {})
-    diff = sorted(k for k in set(saved) | set(config.model) if saved.get(k) != config.model.get(k))
+    defaults = {f.name: f.default for f in dataclasses.fields(model_lib.Config)}
+    diff = sorted(
+        k
+        for k in set(saved) | set(config.model)
+        if saved.get(k, defaults.get(k)) != config.model.get(k, defaults.get(k))
+    )
     # Compute/memory settings may differ; the architecture may not.
-    diff = [k for k in diff if k not in ("dtype", "remat")]
+    diff = [k for k in diff if k not in _COMPUTE_FIELDS]
     if diff:
         detail = ", ".join(
             f"model.{k}: {saved.get(k)!r} there, {config.model.get(k)!r} here" for k in diff
@@ -435,13 +473,25 @@ def _check_init_workdir(config) -> None:
         )
 
 
-def _initial_params(config, objective, params):
-    """Params from `config.init.workdir` (e.g. an SFT run) restored straight into the sharded
-    layout of `params` (each host reads its own shards); a reward model takes the backbone."""
+def _initial_params(config, objective, params, model_config):
+    """Params from `config.init.workdir` (e.g. an SFT run) or `config.init.hf_dir`, restored
+    straight into the sharded layout of `params` (each host reads its own shards); a reward
+    model takes the backbone (and a Hugging Face classifier's score head, if it has one)."""
     step = int(config.init.step)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
     )
+    if not config.init.workdir:
+        from jaxpost import hf
+
+        kind = "reward" if objective.name == "rm" else "causal_lm"
+        loaded = hf.load_params(config.init.hf_dir, model_config, kind, target=target)
+        # A causal LM's directory has no reward head: that leaf keeps its fresh initialisation.
+        return jax.tree.map(
+            lambda new, old: old if isinstance(new, jax.ShapeDtypeStruct) else new,
+            loaded,
+            params,
+        )
     sub = target["decoder"] if objective.name == "rm" else target
     try:
         restored = ckpt.restore_params(config.init.workdir, sub, None if step < 0 else step)
@@ -459,6 +509,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with eval metrics before and after."""
     # Checks: config, mesh, batch layout, model, workdirs -- before reading data or compiling.
     config_lib.check_config(config)
+    config = resolve_hf_dir(config)
     model_config = model_lib.Config(**config.model)
     packing = _packing(config)
     objective = objectives.make_objective(
@@ -498,9 +549,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state, state_shardings = create_state(
             model, tx, mesh, seed=int(config.seed), seq_len=seq_len
         )
-        if config.init.workdir:
-            state = state.replace(params=_initial_params(config, objective, state.params))
-            log.info("initial parameters from %s", config.init.workdir)
+        if config.init.workdir or config.init.hf_dir:
+            initial = _initial_params(config, objective, state.params, model_config)
+            state = state.replace(params=initial)
+            log.info("initial parameters from %s", config.init.workdir or config.init.hf_dir)
         frozen, frozen_shardings = None, None
         if objective.reference == "frozen":
             # A copy of the initial policy: same sharding, no optimizer state, no gradients.

@@ -209,3 +209,65 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_partial(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         hf.save_pretrained(str(tmp_path / "y"), config, params)
     assert sorted(os.listdir(tmp_path)) == ["occupied"]
+
+
+# --- training from a Hugging Face directory ------------------------------------------------
+
+
+def _train_cfg(name, **overrides):
+    from jaxpost import config as config_lib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    config = config_lib.load_config(f"{repo}/configs/{name}.py:smoke")
+    config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
+    return config
+
+
+def test_sft_starts_from_a_hugging_face_directory(tmp_path):
+    from jaxpost import checkpoint
+    from jaxpost import train as train_lib
+
+    src = FIXTURES / "llama"
+    config = _train_cfg(
+        "sft",
+        **{
+            "init.hf_dir": str(src),
+            "data.tokenizer": "byte",
+            "optim.lr": 0.0,
+            "train.num_steps": 1,
+        },
+    )
+    train_lib.train(config, str(tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    hf_config, _ = hf.read_config(str(src))
+    assert saved["model"]["n_kv_heads"] == hf_config.n_kv_heads == 2
+    assert saved["model"]["vocab_size"] == 272 and not saved["model"]["tie_embeddings"]
+    # With lr=0 the checkpoint holds exactly the imported weights.
+    _, want = hf.load_pretrained(str(src))
+    got = checkpoint.load_params(str(tmp_path / "run"))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rm_and_dpo_start_from_a_hugging_face_directory(tmp_path):
+    from jaxpost import train as train_lib
+
+    src = str(FIXTURES / "qwen3")
+    rm = train_lib.train(
+        _train_cfg("rm", **{"init.hf_dir": src, "data.tokenizer": "byte", "train.num_steps": 2}),
+        str(tmp_path / "rm"),
+    )
+    assert np.isfinite(rm["eval_after"]["loss"])
+    dpo = _train_cfg(
+        "dpo",
+        **{"init.hf_dir": src, "data.tokenizer": "byte", "train.num_steps": 1, "optim.lr": 0.0},
+    )
+    summary = train_lib.train(dpo, str(tmp_path / "dpo"))
+    # Policy = reference at the start: the DPO loss is log 2.
+    assert summary["eval_before"]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    with pytest.raises(ValueError, match="is a reward model"):
+        train_lib.train(
+            _train_cfg("sft", **{"init.hf_dir": str(FIXTURES / "llama_rm")}), str(tmp_path / "x")
+        )
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json"):
+        train_lib.train(_train_cfg("sft", **{"init.hf_dir": src}), str(tmp_path / "y"))

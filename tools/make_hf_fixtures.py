@@ -25,7 +25,15 @@ import shutil
 
 import numpy as np
 
-VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV, HEAD_DIM = 96, 32, 64, 2, 4, 2, 8
+VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV, HEAD_DIM = (
+    272,
+    32,
+    64,
+    2,
+    4,
+    2,
+    8,
+)  # VOCAB fits the byte tokenizer
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=HIDDEN,
@@ -67,7 +75,7 @@ def fixtures():
     }
     return {
         # name: (model class, config, save kwargs)
-        "llama": (LlamaForCausalLM, LlamaConfig(**COMMON), {"max_shard_size": "40KB"}),
+        "llama": (LlamaForCausalLM, LlamaConfig(**COMMON), {"max_shard_size": "60KB"}),
         "llama3_tied": (
             LlamaForCausalLM,
             LlamaConfig(**COMMON, tie_word_embeddings=True, rope_scaling=llama3_rope),

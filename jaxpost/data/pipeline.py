@@ -84,7 +84,7 @@ def make_tokenizer(data_config: Mapping[str, Any]):
         ) from None
     if not isinstance(kwargs, dict):
         raise ValueError(f"config.data.chat_template_kwargs={raw!r} must be a JSON object")
-    tok = load_tokenizer(data_config["tokenizer"])
+    tok = load_tokenizer(data_config["tokenizer"] or "byte")
     if hasattr(tok, "chat_template"):
         tok.mask_method = method
         tok.template_kwargs = kwargs
