@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-_USAGE_ERRORS = (ValueError, FileNotFoundError, KeyError)
+_USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +51,25 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="hold out this random fraction as split 'eval'",
     )
+    export = sub.add_parser("export", help="a run's checkpoint -> a Hugging Face directory")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True, help="directory to create")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    export.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    samp = sub.add_parser("sample", help="generate replies from a run or a Hugging Face model")
+    src = samp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a jaxpost run (its latest checkpoint, or --step)")
+    src.add_argument("--hf_dir", help="a Hugging Face model directory")
+    samp.add_argument("--step", type=int, default=None)
+    samp.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+    samp.add_argument("--prompts_file", help="a text file, one prompt per line")
+    samp.add_argument("--raw", action="store_true", help="plain text prompts, no chat template")
+    samp.add_argument("--max_new_tokens", type=int, default=128)
+    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    samp.add_argument("--top_k", type=int, default=0)
+    samp.add_argument("--top_p", type=float, default=1.0)
+    samp.add_argument("--seed", type=int, default=0)
     demo = sub.add_parser("demo", help="the built-in SFT -> RM -> DPO demo")
     demo.add_argument("--workdir", default="runs/demo", help="where the three runs go")
     return parser
@@ -85,6 +104,40 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         print(f"prepared tfds:{args.name} in {args.data_dir}: {sizes}")
         return sizes
+    if args.command in ("export", "sample") and overrides:
+        raise ValueError(f"jaxpost {args.command} takes no --config overrides")
+    if args.command == "export":
+        from jaxpost import serve
+
+        out = serve.export(
+            args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite
+        )
+        print(f"exported {args.workdir} to {out}")
+        return {"out": out}
+    if args.command == "sample":
+        from jaxpost import serve
+
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError("give --prompt TEXT (repeatable) or --prompts_file FILE")
+        replies = serve.sample(
+            prompts,
+            workdir=args.workdir,
+            hf_dir=args.hf_dir,
+            step=args.step,
+            chat=not args.raw,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        for prompt, reply in zip(prompts, replies, strict=True):
+            print(f">>> {prompt}\n{reply}\n")
+        return {"replies": replies}
     if args.command == "demo":
         if overrides:
             raise ValueError("jaxpost demo takes no --config overrides")

@@ -434,6 +434,12 @@ def forward_logits(
     return logits_BLV.astype(jnp.float32)
 
 
+def init_params(config: Config, seed: int = 0) -> Params:
+    """Freshly initialised `Decoder(config)` params as a plain pytree (no sharding)."""
+    tokens = jnp.ones((1, 2), jnp.int32)
+    return nn.meta.unbox(Decoder(config).init(jax.random.PRNGKey(seed), tokens)["params"])
+
+
 def unembedding(params: Params, config: Config) -> jax.Array:
     """The output projection `[D, V]` of a params pytree (the transposed embedding if tied)."""
     return params["embedding"].T if config.tie_embeddings else params["lm_head"]

@@ -1,0 +1,141 @@
+"""Using a trained run: export it as a Hugging Face directory, or sample from it.
+
+    jaxpost export --workdir=runs/sft --out=exports/sft [--dtype=bfloat16]
+    jaxpost sample --workdir=runs/sft --prompt "Sort: dcba"      # or --hf_dir=PATH
+
+Both read the run's `config.json` (architecture, objective, tokenizer) and a checkpoint's params
+(the latest, or `--step`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from jaxpost import checkpoint as ckpt
+from jaxpost import hf
+from jaxpost import model as model_lib
+
+
+def _run_config(workdir: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no config.json: it is not a jaxpost workdir")
+    with open(path) as f:
+        return json.load(f)
+
+
+def tokenizer_dir(spec: str) -> str | None:
+    """The directory of a tokenizer spec (None for the built-in byte tokenizer)."""
+    if not spec or spec == "byte":
+        return None
+    path = os.path.expanduser(spec)
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[dict, model_lib.Config, str, Any]:
+    """`(run config, model config, kind, numpy params)` of a workdir's checkpoint."""
+    run = _run_config(workdir)
+    model_config = model_lib.Config(**run["model"])
+    kind = "reward" if run.get("objective", {}).get("name") == "rm" else "causal_lm"
+    params = ckpt.load_params(workdir, step)
+    return run, model_config, kind, params
+
+
+def export(
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a run's checkpoint as a Hugging Face directory (tokenizer files copied)."""
+    run, model_config, kind, params = load_run(workdir, step)
+    tok_dir = tokenizer_dir(run.get("data", {}).get("tokenizer", "byte"))
+    extra = {}
+    if tok_dir is None:
+        from jaxpost.data.tokenizer import ByteTokenizer
+
+        tok = ByteTokenizer()
+        # No Hugging Face tokenizer files exist for the built-in tokenizer; its ids still go
+        # into config.json so that the model's special tokens are known.
+        extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return hf.save_pretrained(
+        out,
+        model_config,
+        params,
+        tokenizer_dir=tok_dir,
+        kind=kind,
+        dtype=dtype,
+        overwrite=overwrite,
+        extra_config=extra,
+    )
+
+
+def stop_ids(tok, directory: str | None = None) -> list[int]:
+    """Token ids that end a reply: EOS, the byte tokenizer's end of turn, and the
+    eos_token_id(s) of generation_config.json when there is one."""
+    ids = {tok.eos_id}
+    if getattr(tok, "end_of_turn_id", None) is not None:
+        ids.add(tok.end_of_turn_id)
+    if directory and os.path.exists(os.path.join(directory, "generation_config.json")):
+        with open(os.path.join(directory, "generation_config.json")) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def sample(
+    prompts: Sequence[str],
+    *,
+    workdir: str | None = None,
+    hf_dir: str | None = None,
+    step: int | None = None,
+    chat: bool = True,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Completions of `prompts` (user messages through the chat template, or raw text)."""
+    from jaxpost import sampling
+    from jaxpost.data.tokenizer import load_tokenizer
+
+    if (workdir is None) == (hf_dir is None):
+        raise ValueError("give exactly one of --workdir and --hf_dir")
+    if workdir is not None:
+        run, model_config, kind, params = load_run(workdir, step)
+        tok_spec = run.get("data", {}).get("tokenizer") or "byte"
+        kwargs = run.get("data", {}).get("chat_template_kwargs") or "{}"
+    else:
+        model_config, kind = hf.read_config(hf_dir)
+        params = hf.load_params(hf_dir, model_config, kind) if kind == "causal_lm" else None
+        tok_spec, kwargs = hf_dir, "{}"
+    if kind != "causal_lm":
+        raise ValueError("this is a reward model; it scores text but does not generate any")
+    tok = load_tokenizer(tok_spec)
+    if hasattr(tok, "template_kwargs"):
+        tok.template_kwargs = json.loads(kwargs)
+    ids = [
+        tok.apply_chat_template([("user", p)], add_generation_prompt=True)
+        if chat
+        else list(tok.prefix_ids) + tok.encode(p)
+        for p in prompts
+    ]
+    stops = stop_ids(tok, tokenizer_dir(tok_spec))
+    outs = sampling.generate(
+        model_config,
+        params,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_ids=stops,
+        seed=seed,
+    )
+    return [tok.decode(o) for o in outs]
