@@ -647,6 +647,7 @@ def save_pretrained(
             json.dump(hf, f, indent=2)
         if os.path.exists(path):
             shutil.rmtree(path)
+        os.chmod(tmp, 0o755)
         os.replace(tmp, path)
         tmp = None
     finally:

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     samp.add_argument("--top_k", type=int, default=0)
     samp.add_argument("--top_p", type=float, default=1.0)
     samp.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser("convert", help="a GGUF (llama.cpp) file -> a Hugging Face directory")
+    conv.add_argument("--gguf", required=True, help="a Llama-architecture .gguf file")
+    conv.add_argument("--out", required=True, help="directory to create")
+    conv.add_argument("--overwrite", action="store_true")
     demo = sub.add_parser("demo", help="the built-in SFT -> RM -> DPO demo")
     demo.add_argument("--workdir", default="runs/demo", help="where the three runs go")
     return parser
@@ -104,8 +108,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         print(f"prepared tfds:{args.name} in {args.data_dir}: {sizes}")
         return sizes
-    if args.command in ("export", "sample") and overrides:
+    if args.command in ("export", "sample", "convert") and overrides:
         raise ValueError(f"jaxpost {args.command} takes no --config overrides")
+    if args.command == "convert":
+        from jaxpost import convert
+
+        out = convert.convert(args.gguf, args.out, overwrite=args.overwrite)
+        print(f"converted {args.gguf} to {out}")
+        return {"out": out}
     if args.command == "export":
         from jaxpost import serve
 

@@ -271,3 +271,23 @@ def test_rm_and_dpo_start_from_a_hugging_face_directory(tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json"):
         train_lib.train(_train_cfg("sft", **{"init.hf_dir": src}), str(tmp_path / "y"))
+
+
+def test_gguf_row_permutation_is_inverted(tmp_path):
+    from jaxpost import convert
+
+    w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)  # 6 heads of Dh=8
+    permuted = convert.permute_rows(w, 6)
+    assert not np.array_equal(permuted, w)
+    np.testing.assert_array_equal(convert.unpermute_rows(permuted, 6), w)
+    # llama.cpp interleaves the two rotary halves of each head: rows 0..3 and 4..7 of head 0
+    # become rows 0, 2, 4, 6 and 1, 3, 5, 7.
+    np.testing.assert_array_equal(permuted[[0, 2, 4, 6], 0], w[[0, 1, 2, 3], 0])
+    np.testing.assert_array_equal(permuted[[1, 3, 5, 7], 0], w[[4, 5, 6, 7], 0])
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        convert.convert(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(convert.GGUFError, match="not a readable GGUF file"):
+        convert.convert(str(bad), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,1 @@
+"""Real pretrained models that come through pip (no model hub needed)."""
