@@ -92,7 +92,14 @@ def base_config() -> ml_collections.ConfigDict:
         accum_steps=1,  # micro-batches per step (gradient accumulation)
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the remaining devices
-    c.eval = dict(every_steps=50, batch_size=16)  # every_steps=0: only before and after
+    c.eval = dict(
+        every_steps=50,  # 0: only before and after training
+        batch_size=16,
+        # SFT/DPO-family runs: a JSON list of user messages whose greedy replies are logged at
+        # every eval (and appended to WORKDIR/samples.jsonl), e.g. '["Who are you?"]'
+        sample_prompts="",
+        sample_max_tokens=48,
+    )
     c.checkpoint = dict(every_steps=50, keep=2, async_save=True)  # every_steps=0: only at end
     c.log = dict(
         every_steps=10,

