@@ -114,14 +114,15 @@ def config_from_hf(hf: Mapping, where: str = "config.json") -> tuple[model_lib.C
         problems.append("attention_bias=true (a bias on o_proj too)")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true")
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        # Qwen's window applies only to layers from max_window_layers on; not modelled.
+        problems.append("use_sliding_window=true")
     if problems:
         raise HFError(f"{where}: unsupported settings: " + "; ".join(problems))
     try:
         heads = int(hf["num_attention_heads"])
         d_model = int(hf["hidden_size"])
-        window = 0
-        if family == "mistral" or hf.get("use_sliding_window"):
-            window = int(hf.get("sliding_window") or 0)
+        window = int(hf.get("sliding_window") or 0) if family == "mistral" else 0
         config = model_lib.Config(
             vocab_size=int(hf["vocab_size"]),
             d_model=d_model,

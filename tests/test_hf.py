@@ -148,6 +148,10 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(hf.HFError, match=r"architectures=\['GPT2LMHeadModel'\] is not supported"):
         hf.read_config(str(d))
+    qwen = {**cfg, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}
+    (d / "config.json").write_text(json.dumps(qwen))
+    with pytest.raises(hf.HFError, match="use_sliding_window=true"):
+        hf.read_config(str(d))
     (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
     with pytest.raises(hf.HFError, match="hidden_act='gelu'"):
         hf.read_config(str(d))

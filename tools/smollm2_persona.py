@@ -26,6 +26,8 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="override train.num_steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from jaxpost import config as config_lib
     from jaxpost import serve
     from jaxpost import train as train_lib
