@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -187,10 +185,7 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
         pad_token_id=specials.get("padding"),
     )
     hf_config, _ = hf.config_from_hf(config, where)  # the same checks as any HF directory
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".jaxpost-convert-", dir=parent)
-    try:
+    with hf.atomic_directory(out) as tmp:
         hf.write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -200,13 +195,5 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=2)
         tok.save(os.path.join(tmp, "tokenizer.json"))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
-        tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     del hf_config
     return out

@@ -19,6 +19,7 @@ complete, so a failure leaves nothing partial.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -595,47 +596,52 @@ def save_pretrained(
         want = tuple(_get(abstract, leaf.path).shape)
         if shape != want:
             raise ValueError(f"params {'/'.join(leaf.path)} has shape {shape}, config wants {want}")
+    # Plan the shards from shapes alone, then gather and write one shard at a time, so the
+    # host holds at most a shard plus one stacked tensor.
+    plan, sizes = [[]], [0]
+    for leaf in leaves:
+        value = _get(params, leaf.path)
+        itemsize = np.dtype(dtype or value.dtype).itemsize
+        shape = value.shape[1:] if leaf.per_layer else value.shape
+        nbytes = math.prod(shape) * itemsize
+        for i, name in enumerate(_hf_names(leaf, config.n_layers)):
+            if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+                plan.append([])
+                sizes.append(0)
+            plan[-1].append((name, leaf, i))
+            sizes[-1] += nbytes
+    n = len(plan)
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     write = jax.process_index() == 0
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".jaxpost-export-", dir=parent) if write else None
-    try:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        sizes = [0]
-        for leaf in leaves:
-            value = _host(_get(params, leaf.path))
-            if dtype is not None:
-                value = value.astype(dtype)
-            layers = value if leaf.per_layer else value[None]
-            for name, layer in zip(_hf_names(leaf, config.n_layers), layers, strict=True):
-                tensor = np.ascontiguousarray(leaf.to_hf(np.asarray(layer)))
-                if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_bytes:
-                    shards.append({})
-                    sizes.append(0)
-                shards[-1][name] = tensor
-                sizes[-1] += tensor.nbytes
+    with atomic_directory(path, enabled=write) as tmp:
+        current = (None, None)  # (leaf, its host value)
+        stored = None
+        for file, entries in zip(names, plan, strict=True):
+            shard = {}
+            for name, leaf, i in entries:
+                if current[0] is not leaf:  # every process joins the gather
+                    value = _host(_get(params, leaf.path))
+                    current = (leaf, value.astype(dtype) if dtype is not None else value)
+                layer = current[1][i] if leaf.per_layer else current[1]
+                shard[name] = np.ascontiguousarray(leaf.to_hf(np.asarray(layer)))
+                stored = shard[name].dtype
+            if write:
+                write_safetensors(os.path.join(tmp, file), shard, {"format": "pt"})
         if not write:
             return path
-        n = len(shards)
-        names = (
-            ["model.safetensors"]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        for name, shard in zip(names, shards, strict=True):
-            write_safetensors(os.path.join(tmp, name), shard, {"format": "pt"})
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(sizes)},
-                "weight_map": {t: f for f, s in zip(names, shards, strict=True) for t in s},
+                "weight_map": {e[0]: f for f, es in zip(names, plan, strict=True) for e in es},
             }
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
-        stored = next(iter(shards[0].values())).dtype
         hf = config_to_hf(config, kind, **dict(extra_config or {}))
-        hf["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16"}.get(
-            stored.name, stored.name
-        )
+        hf["torch_dtype"] = stored.name
         if tokenizer_dir:
             for file in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, file)
@@ -646,15 +652,30 @@ def save_pretrained(
                 _copy_token_ids(tok_config, tmp, hf)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, *, enabled: bool = True):
+    """Yield a temporary directory beside `path` that replaces `path` when the block ends
+    without an error, and is removed when it raises: the result appears whole or not at all.
+    With `enabled=False` (other processes of a multi-host job) yields None and does nothing."""
+    if not enabled:
+        yield None
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".jaxpost-write-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
         if os.path.exists(path):
             shutil.rmtree(path)
-        os.chmod(tmp, 0o755)
         os.replace(tmp, path)
         tmp = None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _copy_token_ids(tok_config_path: str, directory: str, hf: dict) -> None:

@@ -104,7 +104,7 @@ def test_export_round_trip_is_lossless(tmp_path, name):
         np.testing.assert_array_equal(a, b)
     files = os.listdir(out)
     assert "model.safetensors.index.json" in files and "config.json" in files
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".jaxpost-export")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".jaxpost-")]
 
 
 def test_exported_files_are_standard_safetensors(tmp_path):
