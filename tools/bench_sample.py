@@ -1,6 +1,6 @@
 """Sampling throughput (KV cache) on random weights: prefill + decode tokens per second.
 
-  python tools/bench_sample.py --model bench-1b --batch 8 --prompt 128 --new 256 --dtype bfloat16
+python tools/bench_sample.py --model bench-1b --batch 8 --prompt 128 --new 256 --dtype bfloat16
 """
 
 from __future__ import annotations
