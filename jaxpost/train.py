@@ -314,7 +314,7 @@ _RESUME_KEYS = (
     "init.hf_dir",
     "init.step",
 )
-_RESUME_MODEL_EXEMPT = ("dtype", "remat")
+_RESUME_MODEL_EXEMPT = ("dtype", "remat", "attention")
 # Memory/placement settings of the objective that may change on resume (e.g. after an OOM).
 _RESUME_OBJECTIVE_EXEMPT = ("logits_chunk_size", "reference_cache_dir")
 
@@ -413,7 +413,7 @@ def _load_data(config, objective, tokenizer, layout):
     return (train_sources, train_weights), eval_examples, train_stats, eval_stats
 
 
-_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat")
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
 
 

@@ -218,3 +218,11 @@ def test_sliding_window_mask():
     np.testing.assert_array_equal(
         np.asarray(model_lib.attention_mask(seg))[0, 0], np.tril(np.ones((5, 5), bool))
     )
+
+
+def test_attention_kernel_choice():
+    base = model_lib.preset("smoke", dtype="bfloat16")
+    assert model_lib.attention_kernel(base) == "xla"  # auto: cudnn only on a GPU
+    assert model_lib.attention_kernel(dataclasses.replace(base, attention="cudnn")) == "cudnn"
+    with pytest.raises(ValueError, match="attention='flash' is not one of"):
+        dataclasses.replace(base, attention="flash")

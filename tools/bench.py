@@ -63,12 +63,15 @@ def main():
     parser.add_argument("--dtype", default="float32", help="activation dtype (bfloat16 on TPU/GPU)")
     parser.add_argument("--remat", default="none", choices=sorted(model_lib.REMAT_POLICIES))
     parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
+    parser.add_argument("--attention", default="auto", choices=list(model_lib.ATTENTION_KERNELS))
     args = parser.parse_args()
 
     config = config_lib.base_config()
     config.objective.name = args.objective
     config.objective.logits_chunk_size = args.logits_chunk
-    model_config = model_lib.preset(args.model, dtype=args.dtype, remat=args.remat)
+    model_config = model_lib.preset(
+        args.model, dtype=args.dtype, remat=args.remat, attention=args.attention
+    )
     config.model = dataclasses.asdict(model_config)
     mesh = sharding.make_mesh(dict(zip(sharding.AXES, map(int, args.mesh.split(",")), strict=True)))
     objective = objectives.make_objective(config.objective, model_config)
@@ -110,6 +113,7 @@ def main():
                 "seq": args.seq,
                 "dtype": args.dtype,
                 "remat": args.remat,
+                "attention": model_lib.attention_kernel(model_config),
                 "mesh": dict(mesh.shape),
                 "device": jax.devices()[0].device_kind,
                 "n_devices": jax.device_count(),
