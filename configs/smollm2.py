@@ -28,12 +28,17 @@ def get_config(arg=None):
     c.model.dtype = "float32"
     c.train.update(num_steps=24, global_batch=8)
     c.optim.update(lr=1e-4, warmup_steps=5, weight_decay=0.0)
-    c.eval.update(every_steps=8, batch_size=8)
+    c.eval.update(
+        every_steps=8,
+        batch_size=8,
+        sample_prompts='["Who are you?", "What is the capital of Italy?"]',
+        sample_max_tokens=24,
+    )
     c.checkpoint.every_steps = 0
     c.log.every_steps = 5
     if arg == "smoke":
         c.train.num_steps = 2
-        c.eval.every_steps = 0
+        c.eval.update(every_steps=0, sample_prompts="")
     elif arg is not None:
         raise ValueError(f"configs/smollm2.py has variants None, 'smoke'; not {arg!r}")
     return c

@@ -58,3 +58,20 @@ def test_smollm2_matches_transformers(smollm2):
         )
         assert reply == case["greedy_ids"]
         assert tok.decode(reply) == case["greedy_text"]
+
+
+def test_persona_config_trains_the_real_model(smollm2, tmp_path):
+    """configs/smollm2.py:smoke end to end: the built-in model spec resolves to the converted
+    directory (its tokenizer and ChatML template included), and two FSDP steps run."""
+    from jaxpost import config as config_lib
+    from jaxpost import train as train_lib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    config = config_lib.load_config(f"{repo}/configs/smollm2.py:smoke")
+    # Eight fake devices: shard the parameters (FSDP) instead of keeping eight copies.
+    config.mesh.update(data=1, fsdp=-1)
+    summary = train_lib.train(config, str(tmp_path / "run"))
+    assert summary["final_step"] == 2 and np.isfinite(summary["eval_after"]["loss"])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["init"]["hf_dir"].endswith("smollm2-135m-instruct")
+    assert saved["data"]["tokenizer"] == saved["init"]["hf_dir"]
