@@ -67,6 +67,15 @@ class DataStats:
         return text
 
 
+def _absl_flags_ready() -> None:
+    """grain's worker processes read absl flags; outside an absl app nobody parsed them, so
+    mark them parsed (with their defaults)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_tokenizer(data_config: Mapping[str, Any]):
     """The tokenizer `config.data.tokenizer` names: "byte" or a tokenizer directory/file, with
     `data.assistant_mask` and `data.chat_template_kwargs` applied to its chat template."""
@@ -384,6 +393,7 @@ def make_train_iterator(
     ds = ds.batch(accum_steps * micro_batch, drop_remainder=True)
     ds = ds.map(functools.partial(_split_accum, accum_steps=accum_steps))
     if num_workers > 0:
+        _absl_flags_ready()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)
 
