@@ -123,7 +123,8 @@ def config_from_hf(hf: Mapping, where: str = "config.json") -> tuple[model_lib.C
     try:
         heads = int(hf["num_attention_heads"])
         d_model = int(hf["hidden_size"])
-        window = int(hf.get("sliding_window") or 0) if family == "mistral" else 0
+        # MistralConfig's default window is 4096; null means none.
+        window = int(hf.get("sliding_window", 4096) or 0) if family == "mistral" else 0
         config = model_lib.Config(
             vocab_size=int(hf["vocab_size"]),
             d_model=d_model,
@@ -137,6 +138,7 @@ def config_from_hf(hf: Mapping, where: str = "config.json") -> tuple[model_lib.C
             qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
             qk_norm=family == "qwen3",
             sliding_window=window,
+            max_position_embeddings=int(hf.get("max_position_embeddings") or 4096),
             **_rope_settings(hf, where),
         )
     except KeyError as e:
@@ -149,6 +151,15 @@ def config_from_hf(hf: Mapping, where: str = "config.json") -> tuple[model_lib.C
 def config_to_hf(config: model_lib.Config, kind: str = "causal_lm", **extra) -> dict:
     """A transformers config dict for `config` (the inverse of `config_from_hf`)."""
     c = config
+    problems = []
+    if c.qk_norm and c.qkv_bias:
+        problems.append("qk_norm with qkv_bias (Qwen3 has no QKV bias)")
+    if c.sliding_window and (c.qk_norm or c.qkv_bias):
+        problems.append("sliding_window with qk_norm or qkv_bias (only Mistral has a window)")
+    if problems:
+        raise ValueError(
+            "this model has no Hugging Face architecture to export to: " + "; ".join(problems)
+        )
     if c.qk_norm:
         family, model_type = "Qwen3", "qwen3"
     elif c.qkv_bias:
@@ -172,7 +183,7 @@ def config_to_hf(config: model_lib.Config, kind: str = "causal_lm", **extra) -> 
         "rms_norm_eps": c.rms_eps,
         "rope_theta": c.rope_theta,
         "tie_word_embeddings": c.tie_embeddings,
-        "max_position_embeddings": extra.pop("max_position_embeddings", 4096),
+        "max_position_embeddings": c.max_position_embeddings,
     }
     if model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
@@ -264,7 +275,7 @@ class _SafetensorsFile:
         shape = tuple(entry["shape"])
         if end - start != math.prod(shape) * dtype.itemsize or self.data_start + end > self.size:
             raise HFError(f"{self.path}: tensor {name!r} has inconsistent offsets (truncated?)")
-        if not shape or math.prod(shape) == 0:
+        if math.prod(shape) == 0:
             return np.zeros(shape, dtype)
         return np.memmap(
             self.path, dtype=dtype, mode="r", offset=self.data_start + start, shape=shape
@@ -596,6 +607,7 @@ def save_pretrained(
         want = tuple(_get(abstract, leaf.path).shape)
         if shape != want:
             raise ValueError(f"params {'/'.join(leaf.path)} has shape {shape}, config wants {want}")
+    hf = config_to_hf(config, kind, **dict(extra_config or {}))  # raises if not exportable
     # Plan the shards from shapes alone, then gather and write one shard at a time, so the
     # host holds at most a shard plus one stacked tensor.
     plan, sizes = [[]], [0]
@@ -631,27 +643,31 @@ def save_pretrained(
                 stored = shard[name].dtype
             if write:
                 write_safetensors(os.path.join(tmp, file), shard, {"format": "pt"})
-        if not write:
-            return path
-        if n > 1:
+        if n > 1 and write:
             index = {
                 "metadata": {"total_size": sum(sizes)},
                 "weight_map": {e[0]: f for f, es in zip(names, plan, strict=True) for e in es},
             }
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
-        hf = config_to_hf(config, kind, **dict(extra_config or {}))
         hf["torch_dtype"] = stored.name
-        if tokenizer_dir:
+        if tokenizer_dir and write:
             for file in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, file)
                 if os.path.exists(src):
                     shutil.copy(src, os.path.join(tmp, file))
             tok_config = os.path.join(tmp, "tokenizer_config.json")
             if os.path.exists(tok_config):
-                _copy_token_ids(tok_config, tmp, hf)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
+                _copy_token_ids(tok_config, tmp, hf, kind)
+        if kind == "reward":
+            hf["pad_token_id"] = reward_pad_id(hf)
+        if write:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf, f, indent=2)
+    if jax.process_count() > 1:  # nobody returns before process 0 has finished writing
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxpost.hf.save_pretrained")
     return path
 
 
@@ -669,16 +685,33 @@ def atomic_directory(path: str, *, enabled: bool = True):
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        old = None
+        if os.path.exists(path):  # move the old one aside: two renames, then delete it
+            old = tempfile.mkdtemp(prefix=".jaxpost-old-", dir=parent)
+            os.replace(path, os.path.join(old, "d"))
         os.replace(tmp, path)
         tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _copy_token_ids(tok_config_path: str, directory: str, hf: dict) -> None:
+def reward_pad_id(hf: Mapping) -> int | None:
+    """The pad id to declare for an exported reward model. transformers' sequence classifiers
+    score the last token that is not the pad id; jaxpost scores the last real token, the EOS.
+    So the pad must not be the EOS: keep a distinct pad, else use unk, else BOS."""
+    eos = hf.get("eos_token_id")
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    for key in ("pad_token_id", "unk_token_id", "bos_token_id"):
+        value = hf.get(key)
+        if value is not None and value not in eos:
+            return value
+    return hf.get("pad_token_id")
+
+
+def _copy_token_ids(tok_config_path: str, directory: str, hf: dict, kind: str) -> None:
     """bos/eos/pad token ids into config.json (transformers' sequence classifiers need pad)."""
     try:
         from jaxpost.data.tokenizer import load_tokenizer
@@ -688,4 +721,8 @@ def _copy_token_ids(tok_config_path: str, directory: str, hf: dict) -> None:
         return
     hf.setdefault("bos_token_id", tok.bos_id)
     hf.setdefault("eos_token_id", tok.eos_id)
-    hf.setdefault("pad_token_id", tok.pad_id)
+    distinct_pad = "pad_token" in tok.special_tokens
+    hf.setdefault("pad_token_id", tok.pad_id if distinct_pad else None)
+    unk = tok.special_tokens.get("unk_token")
+    if unk is not None:
+        hf.setdefault("unk_token_id", tok.token_to_id(unk))

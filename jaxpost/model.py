@@ -61,6 +61,7 @@ class Config:
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
     sliding_window: int = 0  # >0: each token attends to at most this many (itself included)
+    max_position_embeddings: int = 4096  # the context it was trained for (metadata for export)
     # attention kernel for training/eval passes: "xla" (portable), "cudnn" (NVIDIA GPUs,
     # bf16/fp16: fused flash attention that skips the masked upper triangle; 2.1x the bench-1b
     # step on an H200), or "auto" (cudnn on a GPU in bf16/fp16 with head_dim <= 128, else xla)
@@ -429,7 +430,7 @@ class Decoder(nn.Module):
         x_BLD, new_cache = layers(x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         if return_hidden:
-            return x_BLD
+            return x_BLD if cache is None else (x_BLD, new_cache)
 
         if cfg.tie_embeddings:
             unembed_DV = embedding_VD.T

@@ -30,7 +30,7 @@ def sample_logits(logits_BV, rng, *, temperature: float, top_k: int = 0, top_p: 
     if temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV / temperature
-    if top_k > 0:
+    if 0 < top_k < logits_BV.shape[-1]:
         kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if top_p < 1.0:
@@ -62,8 +62,14 @@ def _generate(
     decoder = model_lib.Decoder(config)
     cache = model_lib.init_cache(config, B, L + max_new_tokens)
     positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    logits_BLV, cache = decoder.apply({"params": params}, tokens_BL, positions_BL, cache=cache)
-    last_BV = logits_BLV[jnp.arange(B), lengths_B - 1]
+    # Prefill: hidden states only, then the output projection at each row's last prompt token
+    # (never the [B, L, V] logits).
+    hidden_BLD, cache = decoder.apply(
+        {"params": params}, tokens_BL, positions_BL, cache=cache, return_hidden=True
+    )
+    last_BD = hidden_BLD[jnp.arange(B), lengths_B - 1]
+    unembed_DV = model_lib.unembedding(params, config).astype(config.dtype)
+    last_BV = jnp.einsum("bd,dv->bv", last_BD, unembed_DV).astype(jnp.float32)
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def cond(state):

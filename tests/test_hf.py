@@ -295,3 +295,27 @@ def test_gguf_row_permutation_is_inverted(tmp_path):
     with pytest.raises(convert.GGUFError, match="not a readable GGUF file"):
         convert.convert(str(bad), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_export_edge_cases(tmp_path):
+    import dataclasses
+
+    # A reward model's pad must not be its EOS (transformers scores the last non-pad token).
+    assert hf.reward_pad_id({"eos_token_id": 2, "pad_token_id": 2, "unk_token_id": 0}) == 0
+    assert hf.reward_pad_id({"eos_token_id": 2, "pad_token_id": 2, "bos_token_id": 1}) == 1
+    assert hf.reward_pad_id({"eos_token_id": [2, 7], "pad_token_id": 5}) == 5
+    config, params = hf.load_pretrained(str(FIXTURES / "llama3_tied"))
+    assert config.max_position_embeddings == 256
+    out = hf.save_pretrained(str(tmp_path / "m"), config, params)
+    assert (
+        json.loads((pathlib.Path(out) / "config.json").read_text())["max_position_embeddings"]
+        == 256
+    )
+    with pytest.raises(ValueError, match="no Hugging Face architecture"):
+        hf.config_to_hf(dataclasses.replace(config, qk_norm=True, qkv_bias=True))
+    # Scalars and a Mistral config without sliding_window (transformers' default is 4096).
+    hf.write_safetensors(str(tmp_path / "s.safetensors"), {"s": np.array(3.5, np.float32)})
+    assert float(hf._SafetensorsFile(str(tmp_path / "s.safetensors")).get("s")) == 3.5
+    cfg = json.loads((FIXTURES / "mistral" / "config.json").read_text())
+    del cfg["sliding_window"]
+    assert hf.config_from_hf(cfg)[0].sliding_window == 4096

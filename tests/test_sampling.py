@@ -87,3 +87,9 @@ def test_stop_tokens_limits_and_seeds():
         sampling.generate(config, params, [[]])
     with pytest.raises(ValueError, match="token ids must be in"):
         sampling.generate(config, params, [[config.vocab_size]])
+
+
+def test_top_k_above_the_vocabulary_is_no_limit():
+    logits = jnp.zeros((3, 5))
+    out = sampling.sample_logits(logits, jax.random.PRNGKey(0), temperature=1.0, top_k=50)
+    assert out.shape == (3,) and int(out.max()) < 5

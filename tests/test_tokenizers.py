@@ -294,3 +294,74 @@ def test_sft_trains_with_a_hugging_face_tokenizer_and_chat_template(tmp_path):
     first = next(r for r in rows if "data/train_skipped" in r)
     assert first["step"] == 0 and first["data/train_skipped"] == 1
     assert first["data/train_records"] == 21
+
+
+# --- edge cases found in review ------------------------------------------------------------
+
+
+def test_byte_fallback_pieces_are_all_targets(tokenizers):
+    tok = tokenizers["gemma_spm"]
+    messages = [("user", "Say it"), ("assistant", "日本")]
+    ids, mask, _ = tok.chat(messages)
+    pieces = [tok._sp.id_to_piece(i) for i, m in zip(ids, mask, strict=True) if m]
+    assert pieces[:6] == ["<0xE6>", "<0x97>", "<0xA5>", "<0xE6>", "<0x9C>", "<0xAC>"]
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).startswith("日本")
+
+
+def test_tools_and_documents_are_none_as_in_transformers():
+    t = chat_template.ChatTemplate(
+        "{% if tools is not none %}[T]{% endif %}{{ messages[0].content }}"
+    )
+    assert t.render([("user", "x")]) == "x"
+
+
+def test_extra_message_keys_and_text_parts_reach_the_template(tokenizers):
+    qwen3 = tokenizers["qwen3"]
+    record = {
+        "messages": [
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "A", "reasoning_content": "think hard"},
+        ]
+    }
+    ids, mask = records.tokenize_sft(record, qwen3, "x:1")
+    assert "think hard" in qwen3.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    gemma3 = tokenizers["gemma3"]
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hi there!"}]},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+        ]
+    }
+    plain = {
+        "messages": [
+            {"role": "user", "content": "Hi there!"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+        ]
+    }
+    assert records.tokenize_sft(parts, gemma3, "x:2") == records.tokenize_sft(plain, gemma3, "x:3")
+    with pytest.raises(records.DataError, match=r"content\[0\] must be a text part"):
+        records.tokenize_sft(
+            {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, gemma3, "x:4"
+        )
+
+
+def test_a_conversation_opening_with_the_assistant(tokenizers):
+    tok = tokenizers["qwen2_5"]
+    messages = [("assistant", "Hello"), ("user", "hi"), ("assistant", "Yo")]
+    ids, mask, _ = tok.chat(messages)
+    text = tok.chat_template.render(messages)
+    _, offsets = tok.encode_offsets(text)
+    assert _target_runs(text, offsets, mask) == ["Hello<|im_end|>", "Yo<|im_end|>"]
+
+
+def test_a_token_across_the_prompt_boundary_falls_back_to_split_tokenisation(tokenizers):
+    tok = tokenizers["gemma"]
+    pair = {
+        "prompt": [{"role": "user", "content": "Name a colour."}],
+        "chosen": [{"role": "assistant", "content": "NBlue"}],
+        "rejected": [{"role": "assistant", "content": "Red"}],
+    }
+    prompt, (c_ids, c_mask), (r_ids, _) = records.tokenize_preference(pair, tok, "x:1")
+    rendered = tok.chat_template.render(pair["prompt"], add_generation_prompt=True)
+    assert prompt == tok.encode(rendered)
+    assert tok.decode([i for i, m in zip(c_ids, c_mask, strict=True) if m]).startswith("NBlue")

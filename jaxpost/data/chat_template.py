@@ -114,8 +114,11 @@ class ChatTemplate:
         msgs = [
             dict(m) if isinstance(m, Mapping) else {"role": m[0], "content": m[1]} for m in messages
         ]
+        # As transformers: tools and documents are defined (None) unless given.
         return {
             **self.special_tokens,
+            "tools": None,
+            "documents": None,
             **(extra or {}),
             "messages": msgs,
             "add_generation_prompt": add_generation_prompt,
@@ -156,6 +159,21 @@ class ChatTemplate:
             spans_var.reset(token)
         return "".join(chunks), spans
 
+    def _before_first(self, message, upto: str, extra) -> str | None:
+        """What precedes an opening assistant message: the template's rendering of no messages
+        with the generation prompt if it has one, else everything before the message's text."""
+        try:
+            before = self.render([], add_generation_prompt=True, extra=extra)
+        except (TemplateError, IndexError, TypeError):
+            before = None
+        if before is not None and upto.startswith(before):
+            return before
+        content = message["content"] if isinstance(message, Mapping) else message[1]
+        if not isinstance(content, str) or not content.strip():
+            return None
+        at = upto.find(content.strip())
+        return upto[:at] if at >= 0 else None
+
     def assistant_spans(
         self,
         messages: Sequence,
@@ -186,13 +204,16 @@ class ChatTemplate:
         for i, role in enumerate(roles):
             if role != "assistant" or i < first:
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True, extra=extra) if i else ""
             upto = self.render(messages[: i + 1], extra=extra)
+            before = self._before_first(messages[0], upto, extra) if i == 0 else None
+            if before is None:
+                before = self.render(messages[:i], add_generation_prompt=True, extra=extra)
             if not upto.startswith(before) or not text.startswith(upto):
                 raise TemplateError(
-                    f"chat template renders the conversation up to message {i} differently when "
-                    "more messages follow, so the assistant's tokens cannot be found by prefix; "
-                    "use a template with {% generation %} markers"
+                    f"chat template renders messages 0..{i} differently when more messages follow "
+                    "(or renders the generation prompt differently from an assistant turn), so "
+                    f"assistant message {i}'s tokens cannot be found by prefix; use a template "
+                    "with {% generation %} markers (data.assistant_mask=generation)"
                 )
             end = len(upto.rstrip())
             if end > len(before):

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxpost.data import chat_template as chat_lib
+from jaxpost.data.tokenizer import message_role
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -123,10 +124,9 @@ class _FileTokenizer:
             messages, first=first, method=self.mask_method, extra=self.template_kwargs
         )
         ids, offsets = self.encode_offsets(text)
-        mask = chat_lib.char_mask(offsets, spans)
         if first <= 0:
-            return ids, mask, 0
-        generation_prompt = first < len(messages) and messages[first][0] == "assistant"
+            return ids, chat_lib.char_mask(offsets, spans), 0
+        generation_prompt = first < len(messages) and message_role(messages[first]) == "assistant"
         prompt = self.chat_template.render(
             messages[:first], add_generation_prompt=generation_prompt, extra=self.template_kwargs
         )
@@ -135,10 +135,19 @@ class _FileTokenizer:
                 "chat template renders the prompt differently when a completion follows, so the "
                 "prompt tokens cannot be shared by completions"
             )
-        # The prompt is the tokens that end within its text (the whole conversation is tokenised
-        # at once, as transformers does; a token across the boundary belongs to the completion).
-        prompt_len = sum(1 for _, end in offsets if end <= len(prompt))
-        return ids, mask, prompt_len
+        cut = len(prompt)
+        if any(start < cut < end for start, end in offsets):
+            # A token crosses from the prompt into the completion (e.g. "\n\n" + a reply that
+            # starts with a newline): tokenise the two parts apart, as TRL does, so that every
+            # completion of this prompt shares the prompt's tokens.
+            p_ids, p_off = self.encode_offsets(prompt)
+            c_ids, c_off = self.encode_offsets(text[cut:])
+            ids = p_ids + c_ids
+            offsets = list(p_off) + [(s + cut, e + cut) for s, e in c_off]
+            return ids, chat_lib.char_mask(offsets, spans), len(p_ids)
+        # Whole-text tokenisation, as transformers does; the prompt is the tokens ending in it.
+        prompt_len = sum(1 for _, end in offsets if end <= cut)
+        return ids, chat_lib.char_mask(offsets, spans), prompt_len
 
     def apply_chat_template(
         self, messages: Sequence, *, add_generation_prompt: bool = False
@@ -223,6 +232,9 @@ class SentencePieceTokenizer(_FileTokenizer):
             proto.normalizer_spec.add_dummy_prefix = False
             self._sp_inner = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         config = read_tokenizer_config(directory)
+        # transformers' `legacy` Llama/Mistral tokenizers put the dummy-prefix space after
+        # special tokens too.
+        self._legacy = bool(config.get("legacy", False))
         for key, sp_id in (
             ("bos_token", self._sp.bos_id()),
             ("eos_token", self._sp.eos_id()),
@@ -275,10 +287,14 @@ class SentencePieceTokenizer(_FileTokenizer):
             for k, ch in enumerate(piece):
                 char_at += [k] * len(ch.encode("utf-8"))
             char_at.append(len(piece))
-            sp = self._sp if start == 0 else self._sp_inner
+            sp = self._sp if start == 0 or self._legacy else self._sp_inner
             for p in sp.encode(piece, out_type="proto").pieces:
                 ids.append(p.id)
-                offsets.append((start + char_at[p.begin], start + char_at[p.end]))
+                begin, end = char_at[p.begin], char_at[p.end]
+                if end <= begin:  # a byte-fallback piece inside a character: that character
+                    begin = min(char_at[p.begin], len(piece) - 1)
+                    end = begin + 1
+                offsets.append((start + begin, start + end))
         return ids, offsets
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxpost.data.chat_template import TemplateError
+from jaxpost.data.tokenizer import message_text
 
 
 class DataError(ValueError):
@@ -30,7 +31,10 @@ def _fail(where: str, problem: str) -> DataError:
     return DataError(f"{where}: {problem}")
 
 
-def _messages(value: Any, field: str, where: str) -> list[tuple[str, str]]:
+def _messages(value: Any, field: str, where: str) -> list[dict]:
+    """Validated messages as dicts: role, content (a string, or a list of `{"type": "text",
+    "text": ...}` parts), and any other keys (e.g. `reasoning_content`, `tool_calls`), which
+    Hugging Face chat templates may render."""
     if not isinstance(value, list) or not value:
         raise _fail(where, f"field {field!r} must be a non-empty list of messages")
     out = []
@@ -42,17 +46,29 @@ def _messages(value: Any, field: str, where: str) -> list[tuple[str, str]]:
             raise _fail(
                 where, f"{field}[{i}] has unknown role {role!r} (expected system, user, assistant)"
             )
-        if not isinstance(content, str):
+        if isinstance(content, list):
+            for k, part in enumerate(content):
+                if not (
+                    isinstance(part, Mapping)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise _fail(
+                        where,
+                        f"{field}[{i}].content[{k}] must be a text part "
+                        '({"type": "text", "text": ...}); other content types are not supported',
+                    )
+        elif not isinstance(content, str):
             raise _fail(
                 where, f"{field}[{i}].content must be a string, got {type(content).__name__}"
             )
-        out.append((role, content))
+        out.append(dict(msg))
     return out
 
 
-def _check_assistant_content(messages: Sequence[tuple[str, str]], field: str, where: str) -> None:
-    for i, (role, content) in enumerate(messages):
-        if role == "assistant" and not content:
+def _check_assistant_content(messages: Sequence[dict], field: str, where: str) -> None:
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant" and not message_text(msg):
             raise _fail(where, f"{field}[{i}] is an assistant turn with empty content")
 
 

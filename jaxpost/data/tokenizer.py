@@ -23,7 +23,7 @@ and `add_generation_prompt` appends `<|assistant|>` instead of `<eos>`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END = range(7)
 _BYTE_OFFSET = 8
@@ -37,6 +37,19 @@ _SPECIAL_NAMES = {
     ASSISTANT: "<|assistant|>",
     END: "<|end|>",
 }
+
+
+def message_role(message) -> str:
+    """The role of a message given as a dict or as a `(role, content)` pair."""
+    return message["role"] if isinstance(message, Mapping) else message[0]
+
+
+def message_text(message) -> str:
+    """A message's text: its content string, or its text parts joined."""
+    content = message["content"] if isinstance(message, Mapping) else message[1]
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
 
 
 class ByteTokenizer:
@@ -54,9 +67,10 @@ class ByteTokenizer:
         self, messages: Sequence[tuple[str, str]], first: int = 0
     ) -> tuple[list[int], list[int], int]:
         ids, mask, prompt_len = [BOS], [0], 1
-        for i, (role, content) in enumerate(messages):
+        for i, message in enumerate(messages):
+            role = message_role(message)
             target = int(role == "assistant" and i >= first)
-            body = self.encode(content) + [END]
+            body = self.encode(message_text(message)) + [END]
             ids += [self.role_id(role)] + body
             mask += [0] + [target] * len(body)
             if i < first:
@@ -70,8 +84,7 @@ class ByteTokenizer:
     ) -> list[int]:
         ids = [BOS]
         for m in messages:
-            role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
-            ids += [self.role_id(role)] + self.encode(content) + [END]
+            ids += [self.role_id(message_role(m))] + self.encode(message_text(m)) + [END]
         return ids + ([ASSISTANT] if add_generation_prompt else [EOS])
 
     def is_special(self, i: int) -> bool:
