@@ -34,7 +34,8 @@ _GLOBAL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_CONTROL = 3  # llama.cpp token type of special (control) tokens
+_CONTROL = 3  # llama.cpp token types: special (control) tokens, user-defined tokens
+_USER_DEFINED = 4
 
 
 def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -81,6 +82,8 @@ def _tokenizer_json(tokens, merges, token_types, pre: str):
     tok.decoder = decoders.ByteLevel()
     specials = [tokens[i] for i, t in enumerate(token_types) if t == _CONTROL]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    user = [tokens[i] for i, t in enumerate(token_types) if t == _USER_DEFINED]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
     return tok
 
 
@@ -131,6 +134,9 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
         elif name.endswith("k_proj.weight"):
             value = unpermute_rows(value, kv_heads)
         tensors[name] = value
+    scaling = reader.fields.get("llama.rope.scaling.type")
+    if scaling is not None and str(scaling.contents()) not in ("none", ""):
+        raise GGUFError(f"{where}: llama.rope.scaling.type={scaling.contents()!r} is unsupported")
     rope_theta = float(_field(reader, "llama.rope.freq_base", 10000.0, where=where))
     head_dim = int(_field(reader, "llama.rope.dimension_count", d_model // heads, where=where))
     config = {
