@@ -12,6 +12,7 @@ interleaved rotary layout); `unpermute_rows` undoes that, so the result uses tra
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -109,6 +110,12 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
     d_model = int(_field(reader, "llama.embedding_length", where=where))
     tokens = list(_field(reader, "tokenizer.ggml.tokens", where=where))
     n_layers = int(_field(reader, "llama.block_count", where=where))
+    logging.getLogger("jaxpost").info(
+        "converting %s: %d tensors, %d layers, dequantising to float32",
+        gguf_path,
+        len(reader.tensors),
+        n_layers,
+    )
     tensors = {}
     for t in reader.tensors:
         if t.name.startswith("blk."):

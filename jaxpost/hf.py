@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -515,6 +516,13 @@ def load_params(
             f"{path}: {len(extra)} tensors this config does not use, e.g. {extra[:3]} (an "
             "architecture feature jaxpost does not model?)"
         )
+    n_tensors = sum(len(_hf_names(leaf, config.n_layers)) for leaf in leaves)
+    logging.getLogger("jaxpost").info(
+        "loading %d tensors from %s (%s)",
+        n_tensors,
+        path,
+        "into the training sharding" if target is not None else f"as numpy {np.dtype(dtype)}",
+    )
     out: dict = {} if target is None else jax.tree.map(lambda x: x, target)
     for leaf in leaves:
         names = _hf_names(leaf, config.n_layers)

@@ -88,6 +88,32 @@ def stop_ids(tok, directory: str | None = None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def reply(
+    model_config: model_lib.Config,
+    params,
+    tok,
+    prompts: Sequence[str],
+    *,
+    tokenizer_spec: str = "byte",
+    chat: bool = True,
+    **sampling_kwargs,
+) -> list[str]:
+    """Decoded completions of `prompts`: each a user message through the chat template (or raw
+    text with `chat=False`), stopping at the tokenizer's end-of-reply ids. `sampling_kwargs` go
+    to `jaxpost.sampling.generate` (max_new_tokens, temperature, top_k, top_p, seed)."""
+    from jaxpost import sampling
+
+    ids = [
+        tok.apply_chat_template([("user", p)], add_generation_prompt=True)
+        if chat
+        else list(tok.prefix_ids) + tok.encode(p)
+        for p in prompts
+    ]
+    stops = stop_ids(tok, tokenizer_dir(tokenizer_spec))
+    outs = sampling.generate(model_config, params, ids, stop_ids=stops, **sampling_kwargs)
+    return [tok.decode(o) for o in outs]
+
+
 def sample(
     prompts: Sequence[str],
     *,
@@ -101,41 +127,31 @@ def sample(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> list[str]:
-    """Completions of `prompts` (user messages through the chat template, or raw text)."""
-    from jaxpost import sampling
-    from jaxpost.data.tokenizer import load_tokenizer
+    """Completions of `prompts` from a run's checkpoint or a Hugging Face directory."""
+    from jaxpost.data import pipeline
 
     if (workdir is None) == (hf_dir is None):
         raise ValueError("give exactly one of --workdir and --hf_dir")
     if workdir is not None:
         run, model_config, kind, params = load_run(workdir, step)
-        tok_spec = run.get("data", {}).get("tokenizer") or "byte"
-        kwargs = run.get("data", {}).get("chat_template_kwargs") or "{}"
+        data_config = run.get("data", {})
     else:
         model_config, kind = hf.read_config(hf_dir)
         params = hf.load_params(hf_dir, model_config, kind) if kind == "causal_lm" else None
-        tok_spec, kwargs = hf_dir, "{}"
+        data_config = {"tokenizer": hf_dir}
     if kind != "causal_lm":
         raise ValueError("this is a reward model; it scores text but does not generate any")
-    tok = load_tokenizer(tok_spec)
-    if hasattr(tok, "template_kwargs"):
-        tok.template_kwargs = json.loads(kwargs)
-    ids = [
-        tok.apply_chat_template([("user", p)], add_generation_prompt=True)
-        if chat
-        else list(tok.prefix_ids) + tok.encode(p)
-        for p in prompts
-    ]
-    stops = stop_ids(tok, tokenizer_dir(tok_spec))
-    outs = sampling.generate(
+    tok = pipeline.make_tokenizer(data_config)
+    return reply(
         model_config,
         params,
-        ids,
+        tok,
+        prompts,
+        tokenizer_spec=data_config.get("tokenizer") or "byte",
+        chat=chat,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        stop_ids=stops,
         seed=seed,
     )
-    return [tok.decode(o) for o in outs]

@@ -501,22 +501,17 @@ def _make_sampler(config, objective, model_config, tokenizer, workdir):
         raise ValueError('config.eval.sample_prompts must be a JSON list of strings, e.g. ["Hi"]')
     if objective.name == "rm":
         raise ValueError("config.eval.sample_prompts: a reward model does not generate text")
-    from jaxpost import sampling, serve
-
-    ids = [
-        tokenizer.apply_chat_template([("user", p)], add_generation_prompt=True) for p in prompts
-    ]
-    stops = serve.stop_ids(tokenizer, serve.tokenizer_dir(config.data.tokenizer))
+    from jaxpost import serve
 
     def sample(step, params):
-        outs = sampling.generate(
+        replies = serve.reply(
             model_config,
             params,
-            ids,
+            tokenizer,
+            prompts,
+            tokenizer_spec=config.data.tokenizer,
             max_new_tokens=int(config.eval.sample_max_tokens),
-            stop_ids=stops,
         )
-        replies = [tokenizer.decode(o) for o in outs]
         for prompt, reply in zip(prompts, replies, strict=True):
             log.info("sample at step %d: %r -> %r", step, prompt, reply)
         if jax.process_index() == 0:
