@@ -19,6 +19,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check jaxpost configs tests tools
 	$(BIN)/ruff format --check jaxpost configs tests tools
+	if [ -f ../shared/tools/import_cycles.py ]; then $(BIN)/python ../shared/tools/import_cycles.py jaxpost; fi
 
 test: install lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/pytest -q tests

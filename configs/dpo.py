@@ -13,10 +13,7 @@ Usage: jaxpost train --config=configs/dpo.py:smoke --workdir=/tmp/dpo \\
          [--config.objective.loss_type=ipo --config.objective.beta=0.5]
 """
 
-import dataclasses
-
 from jaxpost import config as config_lib
-from jaxpost import model
 
 VARIANTS = (None, "smoke", "loss_types")
 
@@ -28,7 +25,7 @@ def get_config(arg=None):
     c.data.eval_path = "builtin:sort_prefs"
     c.data.seq_len = 32
     if arg is None:
-        c.model = dataclasses.asdict(model.preset("demo"))
+        c.model = config_lib.model_section("demo")
         c.objective.update(loss_type="sigmoid,sft", loss_weights="1.0,1.0")
         c.train.update(num_steps=150, global_batch=32)
         c.optim.update(lr=1e-3, warmup_steps=15, weight_decay=0.0)
@@ -38,7 +35,7 @@ def get_config(arg=None):
     elif arg == "loss_types":
         # The demo's DPO stage under several losses (see get_sweep).
         c.init.workdir = "runs/demo/sft"
-        c.model = dataclasses.asdict(model.preset("demo"))
+        c.model = config_lib.model_section("demo")
         c.train.update(num_steps=150, global_batch=32)
         c.optim.update(lr=1e-3, warmup_steps=15, weight_decay=0.0)
         c.eval.update(every_steps=50, batch_size=64)
@@ -46,7 +43,7 @@ def get_config(arg=None):
         # One reference pass serves every point: same reference params, data and settings.
         c.objective.reference_cache_dir = "runs/reference_cache"
     elif arg == "smoke":
-        c.model = dataclasses.asdict(model.preset("smoke"))
+        c.model = config_lib.model_section("smoke")
         c.train.update(num_steps=10, global_batch=16)
         c.data.max_eval_examples = 32
         c.optim.update(lr=1e-3, warmup_steps=2)

@@ -7,10 +7,7 @@ Variants:
 Usage: jaxpost train --config=configs/rm.py:smoke --workdir=/tmp/rm [--config.init.workdir=SFT]
 """
 
-import dataclasses
-
 from jaxpost import config as config_lib
-from jaxpost import model
 
 VARIANTS = (None, "smoke")
 
@@ -22,14 +19,14 @@ def get_config(arg=None):
     c.data.eval_path = "builtin:sort_prefs"
     c.data.seq_len = 32
     if arg is None:
-        c.model = dataclasses.asdict(model.preset("demo"))
+        c.model = config_lib.model_section("demo")
         c.train.update(num_steps=150, global_batch=32)
         c.optim.update(lr=3e-3, warmup_steps=15)
         c.eval.update(every_steps=50, batch_size=64)
         c.checkpoint.every_steps = 0
         c.log.every_steps = 10
     elif arg == "smoke":
-        c.model = dataclasses.asdict(model.preset("smoke"))
+        c.model = config_lib.model_section("smoke")
         c.train.update(num_steps=10, global_batch=16)
         c.data.max_eval_examples = 32
         c.optim.update(lr=3e-3, warmup_steps=2)

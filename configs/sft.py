@@ -9,10 +9,7 @@ Variants:
 Usage: jaxpost train --config=configs/sft.py:smoke --workdir=/tmp/run [--config.optim.lr=1e-3]
 """
 
-import dataclasses
-
 from jaxpost import config as config_lib
-from jaxpost import model
 
 VARIANTS = (None, "smoke", "bench-tiny")
 
@@ -24,7 +21,7 @@ def get_config(arg=None):
     c.data.eval_path = "builtin:sort"
     c.data.seq_len = 32
     if arg is None:
-        c.model = dataclasses.asdict(model.preset("demo"))
+        c.model = config_lib.model_section("demo")
         # Short on purpose: good but not perfect, so the DPO stage has something to fix.
         c.train.update(num_steps=150, global_batch=64)
         c.optim.update(lr=3e-3, warmup_steps=50)
@@ -32,7 +29,7 @@ def get_config(arg=None):
         c.checkpoint.every_steps = 0
         c.log.every_steps = 10
     elif arg == "smoke":
-        c.model = dataclasses.asdict(model.preset("smoke"))
+        c.model = config_lib.model_section("smoke")
         c.train.update(num_steps=20, global_batch=16)
         c.data.max_eval_examples = 64
         c.optim.update(lr=3e-3, warmup_steps=5)
@@ -40,7 +37,7 @@ def get_config(arg=None):
         c.checkpoint.every_steps = 10
         c.log.every_steps = 5
     elif arg == "bench-tiny":
-        c.model = dataclasses.asdict(model.preset("bench-tiny"))
+        c.model = config_lib.model_section("bench-tiny")
         c.data.seq_len = 32
         c.train.update(num_steps=200, global_batch=64)
         c.eval.batch_size = 64

@@ -152,7 +152,19 @@ def restore_params(workdir: str, target: Any, step: int | None = None) -> Any:
     backbone) are not read."""
     path = _params_path(workdir, step)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    return ocp.PyTreeCheckpointer().restore(
+    restored = ocp.PyTreeCheckpointer().restore(
         path,
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
+    # A partial restore leaves what the checkpoint lacks as it was: say so instead.
+    missing = [
+        jax.tree_util.keystr(p)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]
+        if isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
+    if missing:
+        shown = ", ".join(missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        )
+        raise ValueError(f"{path} has no parameter {shown}")
+    return restored

@@ -24,7 +24,13 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with defaults. Sections mirror the modules."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = dataclasses.asdict(model_lib.preset("smoke"))
+    # The architecture (jaxpost.model.Config's fields) plus how it computes:
+    #   model.dtype: activations and matmuls; "auto" = bfloat16 on GPUs and TPUs, float32 on CPU.
+    #   model.param_dtype: the stored params and optimizer state -- the master weights. The
+    #     default float32 with bf16 compute is mixed precision (the default on accelerators);
+    #     param_dtype=bfloat16 is pure-bf16 training: no float32 master copy, so updates smaller
+    #     than a bf16 step of a weight are lost. Logits and rewards are float32 either way.
+    c.model = model_section("smoke")
     c.data = dict(
         # JSONL or Parquet path/glob, tfds:NAME[:SPLIT], builtin:NAME; path@weight,... mixes;
         # path[:90%] slices
@@ -109,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(c)
     c.lock()  # config files may change fields, not invent them
     return c
+
+
+def model_section(preset: str, **overrides) -> dict[str, Any]:
+    """A config's `model` section from a `jaxpost.model` preset, computing in `dtype="auto"`
+    (bfloat16 on accelerators, float32 on CPU) with float32 params unless overridden."""
+    return {**dataclasses.asdict(model_lib.preset(preset)), "dtype": "auto", **overrides}
 
 
 def _keys(c: Any, prefix: str = "") -> set[str]:

@@ -13,6 +13,7 @@ import os
 import pathlib
 
 from jaxpost import config as config_lib
+from jaxpost import evaluation
 from jaxpost import train as train_lib
 
 log = logging.getLogger("jaxpost")
@@ -95,7 +96,7 @@ def run(workdir: str, *, quick: bool = False) -> dict:
         log.info("=== demo stage %s -> %s", stage, os.path.join(workdir, stage))
         summaries[stage] = train_lib.train(configs[stage], os.path.join(workdir, stage))
     # The DPO policy measured on the SFT task's held-out prompts.
-    after_dpo = train_lib.evaluate_checkpoint(configs["sft"], os.path.join(workdir, "dpo"))
+    after_dpo = evaluation.evaluate_checkpoint(configs["sft"], os.path.join(workdir, "dpo"))
     s, r, d = summaries["sft"], summaries["rm"], summaries["dpo"]
     result = {
         "task_exact_match": {

@@ -31,9 +31,15 @@ import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxpost import model as model_lib
+from jaxpost import sharding
+from jaxpost.data.tokenizer import load_tokenizer
 
 CAUSAL = {
     "LlamaForCausalLM": "llama",
@@ -234,8 +240,6 @@ _DTYPES = {
 def _np_dtype(code: str):
     if code in _DTYPES:
         return np.dtype(_DTYPES[code])
-    import ml_dtypes
-
     extra = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn}
     extra["F8_E5M2"] = ml_dtypes.float8_e5m2
     return np.dtype(extra[code]) if code in extra else None
@@ -434,8 +438,6 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 def _expected_shape(leaf: _Leaf, hf_shape) -> tuple[int, ...] | None:
     """The jaxpost shape an HF tensor of `hf_shape` maps to (None if it cannot)."""
-    import jax
-
     try:
         return tuple(
             jax.eval_shape(leaf.to_jax, jax.ShapeDtypeStruct(tuple(hf_shape), np.float32)).shape
@@ -470,11 +472,6 @@ def _check_leaf_shapes(leaves, tensors: Tensors, config, kind) -> None:
 
 
 def _abstract_params(config: model_lib.Config, kind: str):
-    import jax
-    import jax.numpy as jnp
-
-    from jaxpost import sharding
-
     module = model_lib.RewardModel(config) if kind == "reward" else model_lib.Decoder(config)
     boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32))
     return sharding.strip_boxes(boxed)["params"]
@@ -501,8 +498,6 @@ def load_params(
     tensor by tensor, each device reading only its slice. A reward `kind` whose checkpoint is a
     causal LM keeps the target's (fresh) `score` head.
     """
-    import jax
-
     tensors = Tensors(path)
     leaves = _leaves(config, kind)
     if kind == "reward" and "score.weight" not in tensors:
@@ -566,11 +561,7 @@ def logits(config: model_lib.Config, params: Any, tokens, positions=None, segmen
 
 
 def _host(value) -> np.ndarray:
-    import jax
-
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         value = multihost_utils.process_allgather(value, tiled=True)
     return np.asarray(value)
 
@@ -595,8 +586,6 @@ def save_pretrained(
     directory appears complete or not at all; an existing non-empty `path` is refused unless
     `overwrite`. In a multi-process job every process must call this; process 0 writes.
     """
-    import jax
-
     kind = kind or ("reward" if "score" in params else "causal_lm")
     if kind not in ("causal_lm", "reward"):
         raise ValueError(f"kind={kind!r} must be 'causal_lm' or 'reward'")
@@ -673,8 +662,6 @@ def save_pretrained(
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf, f, indent=2)
     if jax.process_count() > 1:  # nobody returns before process 0 has finished writing
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("jaxpost.hf.save_pretrained")
     return path
 
@@ -722,8 +709,6 @@ def reward_pad_id(hf: Mapping) -> int | None:
 def _copy_token_ids(tok_config_path: str, directory: str, hf: dict, kind: str) -> None:
     """bos/eos/pad token ids into config.json (transformers' sequence classifiers need pad)."""
     try:
-        from jaxpost.data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(directory)
     except Exception:  # an exotic tokenizer: the ids are optional
         return

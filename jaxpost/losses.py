@@ -26,17 +26,21 @@ __all__ = [
     "sequence_logps",
     "sft_loss",
     "sft_loss_sum",
+    "nll_sum",
     "chunked_token_logps",
     "token_stats",
     "chunked_token_stats",
     "segment_sum",
     "segment_last",
     "reward_loss",
+    "reward_loss_terms",
     "dpo_loss",
     "DPO_LOSSES",
     "simpo_loss",
     "orpo_loss",
+    "orpo_odds_ratio_loss",
     "orpo_log_odds_ratio",
+    "chosen_nll",
 ]
 
 
@@ -98,6 +102,13 @@ def segment_last(values_BL: jax.Array, segment_ids_BL: jax.Array, num_segments: 
     return jnp.where(present, gathered, jnp.zeros((), values_BL.dtype))
 
 
+def nll_sum(logps_BL: jax.Array, mask_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(-sum of the masked token log-probs, number of masked tokens)`: the parts of a token-mean
+    negative log-likelihood, to be divided by the tokens of a whole (accumulated) batch."""
+    keep_BL = mask_BL.astype(bool)
+    return -jnp.sum(jnp.where(keep_BL, logps_BL, 0.0)), jnp.sum(keep_BL).astype(logps_BL.dtype)
+
+
 def sft_loss_sum(
     logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -106,10 +117,7 @@ def sft_loss_sum(
     The pair form lets callers normalise by the tokens of a whole (accumulated, multi-host)
     batch: `sum(nll_sums) / sum(counts)` over micro-batches equals `sft_loss` of the big batch.
     """
-    logps_BL = token_logps(logits_BLV, targets_BL)
-    keep_BL = mask_BL.astype(bool)
-    nll_sum = -jnp.sum(jnp.where(keep_BL, logps_BL, 0.0))
-    return nll_sum, jnp.sum(keep_BL).astype(logps_BL.dtype)
+    return nll_sum(token_logps(logits_BLV, targets_BL), mask_BL)
 
 
 def sft_loss(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array) -> jax.Array:
@@ -160,10 +168,18 @@ def chunked_token_stats(
     hidden_nBCD = hidden_BLD.reshape(B, n_chunks, chunk_size, D).swapaxes(0, 1)
     targets_nBC = targets_BL.reshape(B, n_chunks, chunk_size).swapaxes(0, 1)
 
+    # Logits accumulate and stay in float32 (or wider) whatever the compute dtype: rounding
+    # them to bfloat16 before the log-softmax would bias every log-prob (DPO sums those errors
+    # over whole completions).
+    logits_dtype = _compute_dtype(jnp.result_type(hidden_BLD, unembed_DV))
+
     @jax.checkpoint
     def chunk_stats(args):
         h_BCD, t_BC = args
-        return token_stats(jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV), t_BC)
+        logits_BCV = jnp.einsum(
+            "bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=logits_dtype
+        )
+        return token_stats(logits_BCV, t_BC)
 
     stats = jax.lax.map(chunk_stats, (hidden_nBCD, targets_nBC))
     return tuple(x.swapaxes(0, 1).reshape(B, n_chunks * chunk_size)[:, :L] for x in stats)
@@ -184,6 +200,30 @@ def chunked_token_logps(
 # --- reward modeling -----------------------------------------------------------------------------
 
 
+def reward_loss_terms(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    *,
+    margin: jax.Array | float | None = None,
+    center_rewards_coefficient: float | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per-pair terms `[B]` of `reward_loss`: the Bradley-Terry term
+    `-log_sigmoid(r_c - r_r - margin)` and the centering term `c * (r_c + r_r) ** 2` (None
+    without a coefficient); both 0 where `mask` is False (padding pairs)."""
+    dtype = _compute_dtype(jnp.result_type(chosen_rewards, rejected_rewards))
+    rc, rr = chosen_rewards.astype(dtype), rejected_rewards.astype(dtype)
+    diff = rc - rr
+    if margin is not None:
+        diff = diff - jnp.asarray(margin, dtype)
+    keep = jnp.ones(rc.shape, bool) if mask is None else mask.astype(bool)
+    pairs = jnp.where(keep, -jax.nn.log_sigmoid(diff), 0.0)
+    center = None
+    if center_rewards_coefficient:
+        center = jnp.where(keep, center_rewards_coefficient * (rc + rr) ** 2, 0.0)
+    return pairs, center
+
+
 def reward_loss(
     chosen_rewards: jax.Array,
     rejected_rewards: jax.Array,
@@ -197,15 +237,13 @@ def reward_loss(
     Touvron et al. 2023, eq. 2) may be per pair; the centering term (Eisenstein et al. 2023) keeps
     rewards near zero.
     """
-    dtype = _compute_dtype(jnp.result_type(chosen_rewards, rejected_rewards))
-    rc, rr = chosen_rewards.astype(dtype), rejected_rewards.astype(dtype)
-    diff = rc - rr
-    if margin is not None:
-        diff = diff - jnp.asarray(margin, dtype)
-    loss = jnp.mean(-jax.nn.log_sigmoid(diff))
-    if center_rewards_coefficient:
-        loss = loss + center_rewards_coefficient * jnp.mean((rc + rr) ** 2)
-    return loss
+    pairs, center = reward_loss_terms(
+        chosen_rewards,
+        rejected_rewards,
+        margin=margin,
+        center_rewards_coefficient=center_rewards_coefficient,
+    )
+    return jnp.mean(pairs) + (0.0 if center is None else jnp.mean(center))
 
 
 # --- direct preference optimization and its family -----------------------------------------------
@@ -367,11 +405,20 @@ def _discopop(t: PreferenceTerms) -> jax.Array:
 def _sft(t: PreferenceTerms) -> jax.Array:
     """Token-mean NLL of the chosen completions over the batch, repeated per pair (RPO/MPO)."""
     t.lengths("sft")
-    keep = jnp.ones_like(t.policy_chosen, bool) if t.valid is None else t.valid
-    nll = -jnp.sum(jnp.where(keep, t.policy_chosen, 0.0)) / jnp.maximum(
-        jnp.sum(jnp.where(keep, t.chosen_lengths.astype(t.policy_chosen.dtype), 0.0)), 1.0
-    )
-    return jnp.broadcast_to(nll, t.policy_chosen.shape)
+    total, tokens = chosen_nll(t.policy_chosen, t.chosen_lengths, mask=t.valid)
+    return jnp.broadcast_to(total / jnp.maximum(tokens, 1.0), t.policy_chosen.shape)
+
+
+def chosen_nll(
+    policy_chosen_logps: jax.Array, chosen_lengths: jax.Array, *, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`(-sum of the chosen completions' log-probs, their token count)` over the real pairs:
+    the parts of the token-mean NLL that RPO's "sft" term and ORPO add to a preference loss
+    (divide by the tokens of the whole batch)."""
+    dtype = _compute_dtype(policy_chosen_logps.dtype)
+    keep = jnp.ones(policy_chosen_logps.shape, bool) if mask is None else mask.astype(bool)
+    total = -jnp.sum(jnp.where(keep, policy_chosen_logps.astype(dtype), 0.0))
+    return total, jnp.sum(jnp.where(keep, chosen_lengths.astype(dtype), 0.0))
 
 
 DPO_LOSSES = {
@@ -570,15 +617,28 @@ def orpo_loss(
     the first is the ORPO objective (the batch NLL is shared by every pair, as in TRL); rewards are
     `beta * logp / |y|`.
     """
+    ratio_loss, _, ac, ar = orpo_odds_ratio_loss(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=beta
+    )
+    total, tokens = chosen_nll(policy_chosen_logps, chosen_lengths)
+    losses = total / jnp.maximum(tokens, 1.0) + ratio_loss
+    return losses, beta * ac, beta * ar
+
+
+def orpo_odds_ratio_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    chosen_lengths: jax.Array,
+    rejected_lengths: jax.Array,
+    *,
+    beta: float = 0.1,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """ORPO's odds-ratio term per pair, `beta * -log sigmoid(log odds ratio)` `[B]`, with the
+    log odds ratio and the mean chosen/rejected log-probs (see `orpo_log_odds_ratio`)."""
     log_odds, ac, ar = orpo_log_odds_ratio(
         policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
     )
-    one = jnp.ones((), ac.dtype)
-    nll = -jnp.sum(policy_chosen_logps.astype(ac.dtype)) / jnp.sum(
-        jnp.maximum(chosen_lengths.astype(ac.dtype), one)
-    )
-    losses = nll - beta * jax.nn.log_sigmoid(log_odds)
-    return losses, beta * ac, beta * ar
+    return -beta * jax.nn.log_sigmoid(log_odds), log_odds, ac, ar
 
 
 def orpo_log_odds_ratio(

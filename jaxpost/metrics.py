@@ -144,6 +144,35 @@ class MetricWriter:
             self._tb.close()
 
 
+class Throughput:
+    """Tokens/s and MFU over the steps since the last `restart`, so that pauses (compilation,
+    evaluation, checkpointing) never count: the loop restarts it after each of them."""
+
+    def __init__(self, flops_per_step: float, peak_flops: float):
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.restart()
+
+    def restart(self) -> None:
+        self.tokens, self.steps, self.t0 = 0.0, 0, time.perf_counter()
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def seconds_per_step(self) -> float:
+        return (time.perf_counter() - self.t0) / self.steps if self.steps else 0.0
+
+    def rates(self) -> dict[str, float]:
+        """`tokens_per_sec` and `mfu` of the window (empty when it holds no step)."""
+        if not self.steps:
+            return {}
+        elapsed = time.perf_counter() - self.t0
+        return {
+            "tokens_per_sec": self.tokens / elapsed,
+            "mfu": self.flops_per_step * self.steps / elapsed / self.peak_flops,
+        }
+
+
 def console_line(step: int, num_steps: int, scalars: Mapping[str, float], eta_s: float) -> str:
     shown = ["loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu"]
     parts = [f"step {step}/{num_steps}"]

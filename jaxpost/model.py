@@ -67,11 +67,17 @@ class Config:
     # step on an H200), or "auto" (cudnn on a GPU in bf16/fp16 with head_dim <= 128, else xla)
     attention: str = "auto"
     init_std: float = 0.02
-    dtype: str = "float32"  # activations and matmuls
+    # activations and matmuls; "auto" becomes bfloat16 on GPUs/TPUs and float32 on CPU when the
+    # Config is made (`resolve_dtype`). Logits and rewards accumulate in float32 regardless.
+    dtype: str = "float32"
+    # the stored params (and so the optimizer's): float32 master weights by default; bfloat16
+    # means pure-bf16 training, where updates below a bf16 step of a weight are lost
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
 
     def __post_init__(self):
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", resolve_dtype("auto"))
         problems = []
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
@@ -100,6 +106,14 @@ class Config:
                 problems.append(f"{name}={getattr(self, name)!r} is not a float dtype name")
         if problems:
             raise ValueError("Invalid model config (config.model): " + "; ".join(problems))
+
+
+def resolve_dtype(dtype: str) -> str:
+    """A compute dtype name; "auto" is bfloat16 on accelerators (GPU, TPU) and float32 on CPU,
+    where bfloat16 matmuls are slow."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 ROPE_SCALINGS = ("", "linear", "llama3")
@@ -255,6 +269,11 @@ def init_cache(config: Config, batch: int, num_slots: int, dtype=None) -> Params
     shape = (config.n_layers, batch, num_slots, config.n_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def logits_dtype(cfg: Config):
+    """Logits and rewards accumulate in float32 (float64 for float64 models)."""
+    return jnp.promote_types(jnp.dtype(cfg.dtype), jnp.float32)
 
 
 def _param(module: nn.Module, name: str, shape, axes, init) -> jax.Array:
@@ -441,7 +460,14 @@ class Decoder(nn.Module):
                 (cfg.d_model, cfg.vocab_size),
                 jnp.dtype(cfg.param_dtype),
             )
-        logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, unembed_DV.astype(cfg.dtype))
+        # float32 logits whatever the compute dtype (the matmul accumulates in float32): bf16
+        # logits would round every log-prob before the log-softmax.
+        logits_BLV = jnp.einsum(
+            "bld,dv->blv",
+            x_BLD,
+            unembed_DV.astype(cfg.dtype),
+            preferred_element_type=logits_dtype(cfg),
+        )
         logits_BLV = _constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
         return logits_BLV if cache is None else (logits_BLV, new_cache)
 
@@ -506,7 +532,9 @@ class RewardModel(nn.Module):
             tokens_BL, positions_BL, segment_ids_BL, return_hidden=True
         )
         score_D = _param(self, "score", (cfg.d_model,), ("embed",), _init(cfg.init_std))
-        return jnp.einsum("bld,d->bl", hidden_BLD, score_D).astype(jnp.float32)
+        return jnp.einsum(
+            "bld,d->bl", hidden_BLD, score_D, preferred_element_type=logits_dtype(cfg)
+        ).astype(jnp.float32)
 
 
 def last_token_values(values_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:

@@ -54,8 +54,6 @@ def compute(logps_fn, params, examples, *, seq_len: int, batch_size: int, mesh) 
     carries its example index through the computation, so the result is put back in order
     however the mesh lays processes' rows out; every process gets the whole result.
     """
-    from jaxpost.train import to_global
-
     batches = pipeline.make_eval_batches(
         examples,
         seq_len=seq_len,
@@ -72,7 +70,7 @@ def compute(logps_fn, params, examples, *, seq_len: int, batch_size: int, mesh) 
     fn = jax.jit(fn, out_shardings=(batch_sharding, batch_sharding))
     out = np.full((len(examples), 2), np.nan, np.float32)
     for b in batches:
-        logps, index = fn(params, to_global(b, mesh))
+        logps, index = fn(params, sharding.to_global(b, mesh))
         logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True))[0]
         index = np.asarray(multihost_utils.process_allgather(index, tiled=True))[0]
         real = index >= 0
@@ -80,6 +78,44 @@ def compute(logps_fn, params, examples, *, seq_len: int, batch_size: int, mesh) 
     if np.isnan(out).any():
         raise RuntimeError("reference pass left some examples without log-probs")
     return out
+
+
+def precompute(
+    logps_fn,
+    params,
+    data: pipeline.RunData,
+    *,
+    cache_dir: str,
+    mesh,
+    seq_len: int,
+    batch_size: int,
+    extra: str = "",
+) -> pipeline.RunData:
+    """`data` with reference log-probs attached to every train and eval pair: read from
+    `cache_dir` when a run with the same reference params, examples and settings (`extra`)
+    computed them before, else computed with `logps_fn` (see `compute`) and saved there.
+
+    The train mixture's components are hashed and computed as one list (one cache file)."""
+    sizes = [len(source) for source in data.train]
+    splits = {"train": [ex for source in data.train for ex in source], "eval": list(data.eval)}
+    for name, examples in splits.items():
+        if not examples:
+            continue
+        key = cache_key(params, examples, seq_len=seq_len, extra=extra)
+        logps = load_or_compute(
+            cache_dir,
+            key,
+            what=name,
+            compute_fn=lambda ex=examples: compute(
+                logps_fn, params, ex, seq_len=seq_len, batch_size=batch_size, mesh=mesh
+            ),
+        )
+        splits[name] = attach(examples, logps)
+    train, start = [], 0
+    for n in sizes:
+        train.append(splits["train"][start : start + n])
+        start += n
+    return dataclasses.replace(data, train=train, eval=splits["eval"])
 
 
 def attach(examples, logps: np.ndarray) -> list[pipeline.PairExample]:

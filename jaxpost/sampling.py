@@ -69,7 +69,9 @@ def _generate(
     )
     last_BD = hidden_BLD[jnp.arange(B), lengths_B - 1]
     unembed_DV = model_lib.unembedding(params, config).astype(config.dtype)
-    last_BV = jnp.einsum("bd,dv->bv", last_BD, unembed_DV).astype(jnp.float32)
+    last_BV = jnp.einsum(
+        "bd,dv->bv", last_BD, unembed_DV, preferred_element_type=model_lib.logits_dtype(config)
+    ).astype(jnp.float32)
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def cond(state):

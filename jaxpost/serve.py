@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxpost import checkpoint as ckpt
-from jaxpost import hf
+from jaxpost import hf, objectives, sampling
 from jaxpost import model as model_lib
+from jaxpost.data import pipeline
+from jaxpost.data.tokenizer import ByteTokenizer
 
 
 def _run_config(workdir: str) -> dict:
@@ -39,7 +41,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[dict, model_lib.Con
     """`(run config, model config, kind, numpy params)` of a workdir's checkpoint."""
     run = _run_config(workdir)
     model_config = model_lib.Config(**run["model"])
-    kind = "reward" if run.get("objective", {}).get("name") == "rm" else "causal_lm"
+    kind = objectives.make_objective(run["objective"], model_config).params_kind
     params = ckpt.load_params(workdir, step)
     return run, model_config, kind, params
 
@@ -57,8 +59,6 @@ def export(
     tok_dir = tokenizer_dir(run.get("data", {}).get("tokenizer", "byte"))
     extra = {}
     if tok_dir is None:
-        from jaxpost.data.tokenizer import ByteTokenizer
-
         tok = ByteTokenizer()
         # No Hugging Face tokenizer files exist for the built-in tokenizer; its ids still go
         # into config.json so that the model's special tokens are known.
@@ -101,8 +101,6 @@ def reply(
     """Decoded completions of `prompts`: each a user message through the chat template (or raw
     text with `chat=False`), stopping at the tokenizer's end-of-reply ids. `sampling_kwargs` go
     to `jaxpost.sampling.generate` (max_new_tokens, temperature, top_k, top_p, seed)."""
-    from jaxpost import sampling
-
     ids = [
         tok.apply_chat_template([("user", p)], add_generation_prompt=True)
         if chat
@@ -128,8 +126,6 @@ def sample(
     seed: int = 0,
 ) -> list[str]:
     """Completions of `prompts` from a run's checkpoint or a Hugging Face directory."""
-    from jaxpost.data import pipeline
-
     if (workdir is None) == (hf_dir is None):
         raise ValueError("give exactly one of --workdir and --hf_dir")
     if workdir is not None:

@@ -139,3 +139,18 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
+    """Assemble each process's `[A, local_B, ...]` arrays into global `[A, B, ...]` arrays,
+    the batch dim split over `data` x `fsdp` (process i's rows are the i-th block)."""
+    spec = batch_sharding(mesh)
+    n = jax.process_count()
+
+    def global_shape(v):
+        return (v.shape[0], v.shape[1] * n, *v.shape[2:])
+
+    return {
+        k: jax.make_array_from_process_local_data(spec, np.asarray(v), global_shape(np.asarray(v)))
+        for k, v in local_batch.items()
+    }

@@ -12,6 +12,7 @@ from conftest import smoke_config
 from jaxpost import checkpoint as ckpt
 from jaxpost import model as model_lib
 from jaxpost import optim, sharding
+from jaxpost import step as step_lib
 from jaxpost import train as train_lib
 from jaxpost.data import pipeline
 from jaxpost.data.tokenizer import ByteTokenizer
@@ -32,7 +33,7 @@ def test_round_trip_restores_state_and_data_position(tmp_path):
         )
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        state, shardings = train_lib.create_state(model, tx, mesh, seed=1, seq_len=32)
+        state, shardings = step_lib.create_state(model, tx, mesh, seed=1, seq_len=32)
         it = iterator()
         for _ in range(5):
             next(it)
@@ -41,7 +42,7 @@ def test_round_trip_restores_state_and_data_position(tmp_path):
         manager.wait_until_finished()
         expected_next = [next(it) for _ in range(3)]
 
-        target = train_lib.abstract_state(shardings, model, tx, seq_len=32)
+        target = step_lib.abstract_state(shardings, model, tx, seq_len=32)
         restored, it2 = ckpt.restore(manager, target, iterator())
         manager.close()
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):

@@ -226,3 +226,52 @@ def test_attention_kernel_choice():
     assert model_lib.attention_kernel(dataclasses.replace(base, attention="cudnn")) == "cudnn"
     with pytest.raises(ValueError, match="attention='flash' is not one of"):
         dataclasses.replace(base, attention="flash")
+
+
+def test_logits_and_rewards_accumulate_in_float32_under_bf16_compute():
+    """The output projection and the reward head run with float32 accumulation and output, so
+    bf16 compute never rounds logits before the log-softmax (or rewards): the values equal the
+    float32 product of the bf16 hidden states and weights, not its bf16 rounding."""
+    config = model_lib.preset("smoke", dtype="bfloat16")
+    decoder = model_lib.Decoder(config)
+    params = model_lib.init_params(config, seed=0)
+    params = jax.tree.map(lambda x: x * 8.0, params)  # logits of a trained model's scale
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, config.vocab_size)
+    hidden = decoder.apply({"params": params}, ids, return_hidden=True)
+    assert hidden.dtype == jnp.bfloat16
+    h32 = np.asarray(hidden, np.float32)
+    w32 = np.asarray(params["lm_head"].astype(jnp.bfloat16), np.float32)
+    want = h32 @ w32  # exact bf16 products, float32 sums
+    scale = np.abs(want).max()
+    assert scale > 1.0
+    rounded = want.astype(jnp.bfloat16).astype(np.float32)
+    assert np.abs(rounded - want).max() > 1e-3 * scale  # what bf16 logits would be off by
+
+    logits = decoder.apply({"params": params}, ids)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=0, atol=1e-5 * scale)
+
+    # The chunked path (hidden states, then the projection in position chunks) as well.
+    from jaxpost import losses
+
+    targets = jnp.roll(ids, -1, axis=1)
+    chunked = losses.chunked_token_logps(
+        hidden, params["lm_head"].astype(jnp.bfloat16), targets, chunk_size=5
+    )
+    want_logps = np.asarray(losses.token_logps(jnp.asarray(want), targets))
+    np.testing.assert_allclose(np.asarray(chunked), want_logps, rtol=0, atol=1e-5 * scale)
+
+    # The reward head.
+    rm = model_lib.RewardModel(config)
+    rm_params = sharding.strip_boxes(rm.init(jax.random.PRNGKey(2), ids))["params"]
+    rm_params["score"] = rm_params["score"] * 50.0
+    rewards = rm.apply({"params": rm_params}, ids)
+    rm_hidden = model_lib.Decoder(config).apply(
+        {"params": rm_params["decoder"]}, ids, return_hidden=True
+    )
+    want_r = np.asarray(rm_hidden, np.float32) @ np.asarray(
+        rm_params["score"].astype(jnp.bfloat16), np.float32
+    )
+    r_scale = np.abs(want_r).max()
+    assert np.abs(want_r.astype(jnp.bfloat16).astype(np.float32) - want_r).max() > 1e-3 * r_scale
+    np.testing.assert_allclose(np.asarray(rewards), want_r, rtol=0, atol=1e-5 * r_scale)

@@ -15,6 +15,7 @@ from jaxpost import checkpoint as ckpt
 from jaxpost import config as config_lib
 from jaxpost import losses, objectives, optim, sharding
 from jaxpost import model as model_lib
+from jaxpost import step as step_lib
 from jaxpost import train as train_lib
 from jaxpost.data import pipeline, records
 from jaxpost.data.tokenizer import BOS, ByteTokenizer
@@ -122,12 +123,12 @@ def test_dpo_loss_is_exactly_log2_at_step_0_with_a_frozen_reference():
     config = cfg("dpo", **{"objective.reference": "frozen"})
     objective, mesh, tx, schedule, _, batch = _setup(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        state, sh = train_lib.create_state(objective.model, tx, mesh, seed=0, seq_len=32)
+        state, sh = step_lib.create_state(objective.model, tx, mesh, seed=0, seq_len=32)
         frozen = jax.tree.map(jnp.copy, state.params)
-        step = train_lib.make_train_step(
+        step = step_lib.make_train_step(
             objective, tx, schedule, state_shardings=sh, mesh=mesh, frozen_shardings=sh.params
         )
-        _, m = step(state, train_lib.to_global(batch, mesh), frozen)
+        _, m = step(state, sharding.to_global(batch, mesh), frozen)
     # Policy and reference are separate (bitwise equal) buffers run through the same model; XLA
     # may fuse the two passes differently, so allow float32 rounding of the log-prob sums.
     assert float(m["loss"]) == pytest.approx(math.log(2), abs=1e-6)
@@ -356,3 +357,51 @@ def test_reference_free_objectives_equal_their_losses_and_train(tmp_path, kind):
     )
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
     assert not (tmp_path / "reference_logps").exists()  # no reference at all
+
+
+def test_exported_reward_model_scores_full_sequences_as_training_did(tmp_path):
+    """transformers' sequence classifiers (and TRL's RewardTrainer) read a reward at the last
+    non-pad token of the whole sequence -- the EOS here. Training must read the same token, so
+    the exported model scores a text exactly as training scored it."""
+    from jaxpost import hf, serve
+    from jaxpost.objectives import rm
+
+    run = tmp_path / "rm"
+    config = cfg(
+        "rm", **{"train.num_steps": 3, "checkpoint.every_steps": 0, "data.max_eval_examples": 8}
+    )
+    summary = train_lib.train(config, str(run))
+    out = serve.export(str(run), str(tmp_path / "hf"))
+    hf_model, hf_params = hf.load_pretrained(out)
+    pad = json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"]
+    assert pad is not None and pad != TOK.eos_id
+
+    # The exported model, read as transformers reads it: the full token sequences, right-padded
+    # with the pad id, scored at the last token that is not the pad id.
+    examples, _ = pipeline.load_examples(
+        "builtin:sort_prefs", "eval", TOK, kind="pairs", seq_len=64, max_examples=8
+    )
+    seqs = [s.ids for e in examples for s in (e.chosen, e.rejected)]
+    assert all(s[-1] == TOK.eos_id for s in seqs)
+    ids = np.full((len(seqs), max(map(len, seqs))), pad, np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    scores = np.asarray(model_lib.RewardModel(hf_model).apply({"params": hf_params}, ids))
+    last = (np.arange(ids.shape[1]) * (ids != pad)).argmax(-1)
+    exported = scores[np.arange(len(seqs)), last]
+
+    # Training-time rewards of the same pairs, from the rows the objective reads.
+    objective = objectives.make_objective(config.objective, model_lib.Config(**config.model))
+    batch = pipeline.make_eval_batches(
+        examples, seq_len=32, micro_batch=len(examples), kind=objective.data_kind
+    )[0]
+    micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+    rc, rr, valid = rm.pair_rewards(ckpt.load_params(str(run)), micro, model=objective.model)
+    assert bool(valid.all())
+    trained = np.stack([np.asarray(rc), np.asarray(rr)], axis=-1).reshape(-1)
+    spread = exported.max() - exported.min()
+    assert spread > 1e-2  # the rewards differ between sequences: the comparison means something
+    np.testing.assert_allclose(trained, exported, rtol=0, atol=1e-5 * max(1.0, spread))
+    # And the run's own held-out metrics describe the exported model's scores.
+    assert summary["eval_after"]["mean_reward"] == pytest.approx(exported.mean(), abs=1e-5)
+    assert summary["eval_after"]["max_reward"] == pytest.approx(exported.max(), abs=1e-5)

@@ -8,8 +8,9 @@ import pytest
 from conftest import REPO
 
 from jaxpost import config as config_lib
+from jaxpost import evaluation, objectives, sharding
 from jaxpost import model as model_lib
-from jaxpost import objectives, sharding
+from jaxpost import step as step_lib
 from jaxpost import train as train_lib
 from jaxpost.data import pipeline
 from jaxpost.data.tokenizer import ByteTokenizer
@@ -54,10 +55,10 @@ def _evaluate(name, packing, examples, params=None):
         if objective.reference == "frozen":
             frozen = jax.tree.map(lambda x: x * 0.9, params)
             frozen_sh = shardings
-        step = train_lib.make_eval_step(
+        step = step_lib.make_eval_step(
             objective, params_shardings=shardings, mesh=mesh, frozen_shardings=frozen_sh
         )
-        metrics = train_lib.evaluate(step, params, batches, frozen, mesh)
+        metrics = evaluation.evaluate(step, params, batches, frozen, mesh)
     rows = sum(
         int((b["segment_ids"].reshape(-1, b["segment_ids"].shape[-1]) > 0).any(-1).sum())
         for b in batches

@@ -23,7 +23,7 @@ import numpy as np
 from jaxpost import config as config_lib
 from jaxpost import metrics, objectives, optim, sharding
 from jaxpost import model as model_lib
-from jaxpost import train as train_lib
+from jaxpost import step as step_lib
 
 
 def synthetic_batch(objective_name: str, batch: int, seq: int, vocab: int, accum: int, seed=0):
@@ -82,11 +82,11 @@ def main():
         args.objective, args.batch, args.seq, model_config.vocab_size, args.accum
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        state, shardings = train_lib.create_state(model, tx, mesh, seed=0, seq_len=args.seq)
-        step = train_lib.make_train_step(
+        state, shardings = step_lib.create_state(model, tx, mesh, seed=0, seq_len=args.seq)
+        step = step_lib.make_train_step(
             objective, tx, schedule, state_shardings=shardings, mesh=mesh
         )
-        batch = train_lib.to_global(batch_np, mesh)
+        batch = sharding.to_global(batch_np, mesh)
         t0 = time.perf_counter()
         state, m = step(state, batch, None)
         jax.block_until_ready(m)

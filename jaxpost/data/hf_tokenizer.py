@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxpost.data import chat_template as chat_lib
-from jaxpost.data.tokenizer import message_role
+from jaxpost.data.messages import message_role
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxpost.data import records as records_lib
 from jaxpost.data import sources
+from jaxpost.data.chat_template import MASK_METHODS
 from jaxpost.data.tokenizer import load_tokenizer
 
 SFT_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -41,7 +42,23 @@ class PairExample:
     ref_logps: np.ndarray | None = None  # float32 [2], when reference log-probs are precomputed
 
 
-KINDS = ("sft", "pairs")
+# What rows an objective reads: "sft" (single sequences), "pairs" (preference pairs for
+# log-prob objectives) -- both as next-token `inputs`/`targets` (`inputs = ids[:-1]`) -- and
+# "reward_pairs": preference pairs of whole sequences (`inputs = ids`, no targets), so a reward
+# model reads each sequence at its own last token, as transformers' sequence classifiers do.
+KINDS = ("sft", "pairs", "reward_pairs")
+
+
+def is_pairs(kind: str) -> bool:
+    return kind in ("pairs", "reward_pairs")
+
+
+def _shifted(kind: str) -> bool:
+    return kind != "reward_pairs"
+
+
+def _row_keys(shift: bool) -> tuple[str, ...]:
+    return SFT_KEYS if shift else ("inputs", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass
@@ -67,6 +84,18 @@ class DataStats:
         return text
 
 
+@dataclasses.dataclass
+class RunData:
+    """What a run trains and evaluates on, loaded: one example list per train mixture component
+    with its weight, the eval examples, and what loading counted."""
+
+    train: list[list]
+    weights: list[float]
+    eval: list
+    train_stats: DataStats | None = None
+    eval_stats: DataStats | None = None
+
+
 def _absl_flags_ready() -> None:
     """grain's worker processes read absl flags; outside an absl app nobody parsed them, so
     mark them parsed (with their defaults)."""
@@ -79,8 +108,6 @@ def _absl_flags_ready() -> None:
 def make_tokenizer(data_config: Mapping[str, Any]):
     """The tokenizer `config.data.tokenizer` names: "byte" or a tokenizer directory/file, with
     `data.assistant_mask` and `data.chat_template_kwargs` applied to its chat template."""
-    from jaxpost.data.chat_template import MASK_METHODS
-
     method = data_config.get("assistant_mask", "auto")
     if method not in MASK_METHODS:
         raise ValueError(f"config.data.assistant_mask={method!r} is not one of {MASK_METHODS}")
@@ -147,15 +174,17 @@ def load_examples(
 ) -> tuple[list, DataStats]:
     """Read, validate and tokenise every record of `spec`.
 
-    `kind="sft"` gives `Example`s, `kind="pairs"` gives `PairExample`s. A bad record raises
-    DataError naming its file:line, or with `skip_invalid` is skipped and counted by reason.
+    `kind="sft"` gives `Example`s, the pair kinds give `PairExample`s. An example fits a row of
+    `seq_len` when it has at most `seq_len + 1` tokens (next-token rows drop one), or `seq_len`
+    tokens for "reward_pairs" (whole sequences). A bad record raises DataError naming its
+    file:line, or with `skip_invalid` is skipped and counted by reason.
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"config.data.truncation={truncation!r} is not one of {TRUNCATIONS}")
     if kind not in KINDS:
         raise ValueError(f"data kind {kind!r} is not one of {KINDS}")
     examples, stats = [], DataStats()
-    limit = seq_len + 1
+    limit = seq_len + 1 if _shifted(kind) else seq_len
     for record, where in sources.read_records(spec, split, tfds_data_dir=tfds_data_dir):
         stats.records += 1
         try:
@@ -243,27 +272,43 @@ def load_sft_examples(spec: str, split: str, tokenizer, **kwargs):
     return load_examples(spec, split, tokenizer, kind="sft", **kwargs)
 
 
-def _sequence_row(ex: Example, seq_len: int) -> dict[str, np.ndarray]:
-    n = len(ex.ids) - 1
-    row = {k: np.zeros(seq_len, np.int32) for k in SFT_KEYS}
-    row["inputs"][:n] = ex.ids[:-1]
-    row["targets"][:n] = ex.ids[1:]
-    row["loss_mask"][:n] = ex.mask[1:]
+def _sequence_row(ex: Example, seq_len: int, shift: bool = True) -> dict[str, np.ndarray]:
+    features = _sequence_features(ex, shift)
+    n = len(features["inputs"])
+    row = {k: np.zeros(seq_len, np.int32) for k in _row_keys(shift)}
+    for k, v in features.items():
+        row[k][:n] = v
     row["segment_ids"][:n] = 1
     row["positions"][:n] = np.arange(n, dtype=np.int32)
     return row
 
 
-def to_row(ex: Example | PairExample, seq_len: int) -> dict[str, np.ndarray]:
-    """One example as fixed-length arrays; position t predicts `targets[t]` from `inputs[:t+1]`.
+def _sequence_features(e: Example, shift: bool, prefix: str = "") -> dict[str, np.ndarray]:
+    """Next-token `inputs`/`targets`/`loss_mask` (`shift`), or the whole sequence as `inputs`."""
+    if not shift:
+        return {prefix + "inputs": e.ids, prefix + "loss_mask": e.mask}
+    return {
+        prefix + "inputs": e.ids[:-1],
+        prefix + "targets": e.ids[1:],
+        prefix + "loss_mask": e.mask[1:],
+    }
+
+
+def to_row(
+    ex: Example | PairExample, seq_len: int, kind: str | None = None
+) -> dict[str, np.ndarray]:
+    """One example as fixed-length arrays. Next-token rows (kinds "sft", "pairs"; the default):
+    position t predicts `targets[t]` from `inputs[:t+1]`. "reward_pairs" rows hold the whole
+    sequences in `inputs` (no `targets`).
 
     A `PairExample` gives `[2, seq_len]` arrays (chosen, rejected) and, when present,
     `ref_logps` `[1, 2]` (one segment).
     """
+    shift = kind is None or _shifted(kind)
     if isinstance(ex, Example):
-        return _sequence_row(ex, seq_len)
-    c, r = _sequence_row(ex.chosen, seq_len), _sequence_row(ex.rejected, seq_len)
-    row = {k: np.stack([c[k], r[k]]) for k in SFT_KEYS}
+        return _sequence_row(ex, seq_len, shift)
+    c, r = _sequence_row(ex.chosen, seq_len, shift), _sequence_row(ex.rejected, seq_len, shift)
+    row = {k: np.stack([c[k], r[k]]) for k in _row_keys(shift)}
     if ex.ref_logps is not None:
         row["ref_logps"] = np.asarray(ex.ref_logps, np.float32).reshape(1, 2)  # [S=1, 2]
     return row
@@ -273,20 +318,15 @@ def _split_accum(batch: dict[str, np.ndarray], accum_steps: int) -> dict[str, np
     return {k: v.reshape(accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
-def _features(ex) -> dict[str, np.ndarray]:
+def _features(ex, shift: bool = True) -> dict[str, np.ndarray]:
     """Variable-length features of one example, for grain's packers (pairs: chosen_*/rejected_*
     packed side by side, so segment k of both rows is the same pair)."""
-
-    def seq(e: Example, prefix: str = "") -> dict[str, np.ndarray]:
-        return {
-            prefix + "inputs": e.ids[:-1],
-            prefix + "targets": e.ids[1:],
-            prefix + "loss_mask": e.mask[1:],
-        }
-
     if isinstance(ex, Example):
-        return seq(ex)
-    out = {**seq(ex.chosen, "chosen_"), **seq(ex.rejected, "rejected_")}
+        return _sequence_features(ex, shift)
+    out = {
+        **_sequence_features(ex.chosen, shift, "chosen_"),
+        **_sequence_features(ex.rejected, shift, "rejected_"),
+    }
     if ex.ref_logps is not None:
         out["ref_logps"] = np.asarray(ex.ref_logps, np.float32).reshape(1, 2)
     return out
@@ -294,7 +334,9 @@ def _features(ex) -> dict[str, np.ndarray]:
 
 def _packed_row(packed: dict[str, np.ndarray], pairs: bool) -> dict[str, np.ndarray]:
     def seq(prefix: str = "") -> dict[str, np.ndarray]:
-        row = {k: packed[prefix + k].astype(np.int32) for k in _SEQ_FEATURES}
+        row = {
+            k: packed[prefix + k].astype(np.int32) for k in _SEQ_FEATURES if prefix + k in packed
+        }
         row["segment_ids"] = packed[prefix + "inputs_segment_ids"].astype(np.int32)
         row["positions"] = packed[prefix + "inputs_positions"].astype(np.int32)
         return row
@@ -302,7 +344,7 @@ def _packed_row(packed: dict[str, np.ndarray], pairs: bool) -> dict[str, np.ndar
     if not pairs:
         return seq()
     c, r = seq("chosen_"), seq("rejected_")
-    row = {k: np.stack([c[k], r[k]]) for k in SFT_KEYS}
+    row = {k: np.stack([c[k], r[k]]) for k in c}
     if "ref_logps" in packed:
         row["ref_logps"] = packed["ref_logps"].astype(np.float32)  # [S, 2]
     return row
@@ -317,17 +359,19 @@ def _pack(
     segments: int,
     bins: int,
     seed: int,
+    shift: bool = True,
 ) -> grain.IterDataset:
     """Pack variable-length examples into rows of `seq_len` (at most `segments` per row)."""
     pairs = isinstance(example, PairExample)
-    lengths = {k: seq_len for k in _features(example) if k != "ref_logps"}
-    if "ref_logps" in _features(example):
+    features = _features(example, shift)
+    lengths = {k: seq_len for k in features if k != "ref_logps"}
+    if "ref_logps" in features:
         lengths["ref_logps"] = segments
     cls = {
         "first_fit": grain.experimental.FirstFitPackIterDataset,
         "best_fit": grain.experimental.BestFitPackIterDataset,
     }[packing]
-    ds = ds.map(_features)
+    ds = ds.map(functools.partial(_features, shift=shift))
     ds = cls(
         ds,
         length_struct=lengths,
@@ -353,6 +397,7 @@ def make_train_iterator(
     segments_per_row: int = 1,
     packing_bins: int = 64,
     mixture_weights: Sequence[float] | None = None,
+    kind: str | None = None,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's batches `[accum, micro_batch, ...]`.
 
@@ -361,8 +406,10 @@ def make_train_iterator(
     `packing` ("first_fit" / "best_fit"), several examples share a row (each its own segment,
     positions restarting), `packing_bins` rows being filled at a time. With `mixture_weights`,
     `examples` is a list of sources (example lists) drawn from in those proportions, each
-    shuffled and repeated on its own.
+    shuffled and repeated on its own. `kind` (see `KINDS`) picks the row layout; the default
+    is next-token rows.
     """
+    shift = kind is None or _shifted(kind)
     if packing not in PACKINGS:
         raise ValueError(f"config.data.packing={packing!r} is not one of {PACKINGS}")
     sources = examples if mixture_weights is not None else [examples]
@@ -379,7 +426,7 @@ def make_train_iterator(
         streams.append(ds[: per_process * process_count][process_index::process_count].repeat(None))
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, mixture_weights)
     if packing == "none":
-        ds = ds.map(functools.partial(to_row, seq_len=seq_len)).to_iter_dataset()
+        ds = ds.map(functools.partial(to_row, seq_len=seq_len, kind=kind)).to_iter_dataset()
     else:
         ds = _pack(
             ds.to_iter_dataset(),
@@ -389,6 +436,7 @@ def make_train_iterator(
             segments=segments_per_row,
             bins=packing_bins,
             seed=seed,
+            shift=shift,
         )
     ds = ds.batch(accum_steps * micro_batch, drop_remainder=True)
     ds = ds.map(functools.partial(_split_accum, accum_steps=accum_steps))
@@ -399,7 +447,13 @@ def make_train_iterator(
 
 
 def pack_examples(
-    examples: list, *, seq_len: int, packing: str, segments_per_row: int, packing_bins: int = 64
+    examples: list,
+    *,
+    seq_len: int,
+    packing: str,
+    segments_per_row: int,
+    packing_bins: int = 64,
+    kind: str | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """All `examples` once, in order, packed into rows (for evaluation)."""
     ds = grain.MapDataset.source(examples).to_iter_dataset()
@@ -411,6 +465,7 @@ def pack_examples(
         segments=segments_per_row,
         bins=packing_bins,
         seed=0,
+        shift=kind is None or _shifted(kind),
     )
     return list(ds)
 
@@ -426,6 +481,7 @@ def make_eval_batches(
     packing: str = "none",
     segments_per_row: int = 1,
     packing_bins: int = 64,
+    kind: str | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """The whole eval split once, in order, as `[1, micro_batch, ...]` batches for this process.
 
@@ -441,9 +497,10 @@ def make_eval_batches(
             packing=packing,
             segments_per_row=segments_per_row,
             packing_bins=packing_bins,
+            kind=kind,
         )
     else:
-        rows = [to_row(ex, seq_len) for ex in examples]
+        rows = [to_row(ex, seq_len, kind) for ex in examples]
     if with_index:
         for i, row in enumerate(rows):
             row["example_index"] = np.int32(i)

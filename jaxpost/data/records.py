@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxpost.data.chat_template import TemplateError
-from jaxpost.data.tokenizer import message_text
+from jaxpost.data.messages import message_text
 
 
 class DataError(ValueError):

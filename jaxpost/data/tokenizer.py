@@ -23,7 +23,11 @@ and `add_generation_prompt` appends `<|assistant|>` instead of `<eos>`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Sequence
+
+from jaxpost.data import hf_tokenizer
+from jaxpost.data.messages import message_role, message_text
 
 PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END = range(7)
 _BYTE_OFFSET = 8
@@ -37,19 +41,6 @@ _SPECIAL_NAMES = {
     ASSISTANT: "<|assistant|>",
     END: "<|end|>",
 }
-
-
-def message_role(message) -> str:
-    """The role of a message given as a dict or as a `(role, content)` pair."""
-    return message["role"] if isinstance(message, Mapping) else message[0]
-
-
-def message_text(message) -> str:
-    """A message's text: its content string, or its text parts joined."""
-    content = message["content"] if isinstance(message, Mapping) else message[1]
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] for part in content)
 
 
 class ByteTokenizer:
@@ -114,10 +105,6 @@ def load_tokenizer(spec: str):
     """`"byte"` -> ByteTokenizer; a Hugging Face tokenizer directory (or its tokenizer.json) ->
     HFTokenizer; a SentencePiece `.model` (or a directory with only tokenizer.model) ->
     SentencePieceTokenizer."""
-    import os
-
-    from jaxpost.data import hf_tokenizer
-
     if spec == "byte":
         return ByteTokenizer()
     path = os.path.expanduser(spec)

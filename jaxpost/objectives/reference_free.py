@@ -13,9 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+import jaxpost.objectives._pairs as _pairs
 from jaxpost import losses
 from jaxpost import model as model_lib
-from jaxpost.objectives import _pairs
+from jaxpost.objectives.base import Objective
 from jaxpost.objectives.dpo import pair_logps
 
 
@@ -30,18 +31,17 @@ def loss_fn(params, batch, frozen, *, model, segments, logits_chunk, kind, beta,
             pc, pr, lc, lr, beta=beta, gamma=gamma, label_smoothing=smoothing
         )
         terms = {"pairs": jnp.sum(jnp.where(valid, per, 0.0))}
-    else:  # orpo: the odds-ratio term per pair, the NLL per chosen token (over the whole batch)
-        log_odds, ac, ar = losses.orpo_log_odds_ratio(pc, pr, lc, lr)
-        ratio = jax.nn.log_sigmoid(log_odds)
-        terms = {
-            "pairs": -beta * jnp.sum(jnp.where(valid, ratio, 0.0)),
-            "nll": -jnp.sum(jnp.where(valid, pc, 0.0)),
-        }
+    else:
+        # ORPO (losses.orpo_loss) in parts: the odds-ratio term per pair, and the NLL of the
+        # chosen completions, divided by the chosen tokens of the whole batch.
+        per, log_odds, ac, ar = losses.orpo_odds_ratio_loss(pc, pr, lc, lr, beta=beta)
+        nll, chosen_tokens = losses.chosen_nll(pc, lc, mask=valid)
+        terms = {"pairs": jnp.sum(jnp.where(valid, per, 0.0)), "nll": nll}
         rew_c, rew_r = beta * ac, beta * ar
         metrics = {
-            "log_odds_ratio": _pairs.pair_mean(ratio, valid),
+            "log_odds_ratio": _pairs.pair_mean(jax.nn.log_sigmoid(log_odds), valid),
             "log_odds_chosen": _pairs.pair_mean(log_odds, valid),
-            "nll_loss": (-jnp.sum(jnp.where(valid, pc, 0.0)), jnp.sum(lc)),
+            "nll_loss": (nll, chosen_tokens),
         }
     aux = _pairs.preference_aux(
         batch, valid, (pc, pr), (lc, lr), (mc, mr), (rew_c, rew_r), extra=metrics
@@ -56,9 +56,7 @@ def denominators(batch, *, kind, segments):
     return out
 
 
-def make(kind, objective_config, model_config, segments=1):
-    from jaxpost.objectives import Objective
-
+def make(kind, objective_config, model_config, segments=1) -> Objective:
     beta = float(objective_config["beta"])
     smoothing = float(objective_config["label_smoothing"])
     if beta <= 0:

@@ -1,19 +1,23 @@
 """Reward modeling: a scalar head on the decoder, trained with the Bradley-Terry loss.
 
-Batches are pairs `[B, 2, L]` (chosen, rejected); one forward pass over `2B` rows. Metrics carry
-TRL RewardTrainer's names: `accuracy`, `margin`, `min_reward`, `mean_reward`, `max_reward`.
+Batches are pairs of whole sequences `[B, 2, L]` (chosen, rejected; data kind "reward_pairs":
+`inputs` hold every token, the last one included); one forward pass over `2B` rows. A sequence's
+reward is read at its own last token -- the EOS or end-of-turn token -- which is where
+`transformers`' sequence classifiers (and TRL's RewardTrainer) read it, so an exported reward
+model scores a text exactly as it scored it in training. Metrics carry TRL RewardTrainer's names:
+`accuracy`, `margin`, `min_reward`, `mean_reward`, `max_reward`.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
+import jaxpost.objectives._pairs as _pairs
 from jaxpost import losses
 from jaxpost import model as model_lib
-from jaxpost.objectives import _pairs
+from jaxpost.objectives.base import Objective
 
 
 def pair_rewards(params, batch, *, model, segments=1):
@@ -33,12 +37,13 @@ def loss_fn(params, batch, frozen, *, model, segments, center_rewards_coefficien
     del frozen
     rc, rr, valid = pair_rewards(params, batch, model=model, segments=segments)
     n_pairs = jnp.sum(valid)
-    # Per-pair terms of losses.reward_loss, summed so the loop normalises by all pairs of the batch.
-    terms = {"pairs": jnp.sum(jnp.where(valid, -jax.nn.log_sigmoid(rc - rr), 0.0))}
-    if center_rewards_coefficient:
-        terms["center"] = center_rewards_coefficient * jnp.sum(
-            jnp.where(valid, (rc + rr) ** 2, 0.0)
-        )
+    # losses.reward_loss per pair, summed: the loop divides by the pairs of the whole batch.
+    pair_terms, center_terms = losses.reward_loss_terms(
+        rc, rr, center_rewards_coefficient=center_rewards_coefficient, mask=valid
+    )
+    terms = {"pairs": jnp.sum(pair_terms)}
+    if center_terms is not None:
+        terms["center"] = jnp.sum(center_terms)
     both = jnp.concatenate([rc, rr])
     both_valid = jnp.concatenate([valid, valid])
     aux = {
@@ -59,18 +64,17 @@ def denominators(batch, *, center, segments):
     return {"pairs": n_pairs, **({"center": n_pairs} if center else {})}
 
 
-def make(objective_config, model_config, segments=1):
-    from jaxpost.objectives import Objective
-
+def make(objective_config, model_config, segments=1) -> Objective:
     model = model_lib.RewardModel(model_config)
     center = float(objective_config["center_rewards_coefficient"])
-    # The summed terms equal losses.reward_loss (checked in tests/test_objectives.py).
     return Objective(
         name="rm",
         model=model,
-        data_kind="pairs",
+        data_kind="reward_pairs",
         loss_fn=functools.partial(
             loss_fn, model=model, segments=segments, center_rewards_coefficient=center
         ),
         denominators=functools.partial(denominators, center=bool(center), segments=segments),
+        params_kind="reward",
+        lm_subtree=("decoder",),
     )

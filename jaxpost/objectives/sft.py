@@ -6,9 +6,10 @@ import functools
 
 import jax.numpy as jnp
 
+import jaxpost.objectives._tokens as _tokens
 from jaxpost import losses
 from jaxpost import model as model_lib
-from jaxpost.objectives import _tokens
+from jaxpost.objectives.base import Objective
 
 
 def loss_fn(params, batch, frozen, *, model, segments, logits_chunk):
@@ -24,7 +25,7 @@ def loss_fn(params, batch, frozen, *, model, segments, logits_chunk):
         logits_chunk,
     )
     mask_BL = batch["loss_mask"].astype(bool)
-    nll_sum = -jnp.sum(jnp.where(mask_BL, logps_BL, 0.0))
+    nll_sum, _ = losses.nll_sum(logps_BL, mask_BL)
     n_targets = jnp.sum(mask_BL)
     correct_BL = top1_BL & mask_BL
     # A sequence is an exact match when greedy decoding would reproduce every target token.
@@ -49,9 +50,7 @@ def denominators(batch):
     return {"nll": jnp.sum(batch["loss_mask"] > 0)}
 
 
-def make(objective_config, model_config, segments=1):
-    from jaxpost.objectives import Objective
-
+def make(objective_config, model_config, segments=1) -> Objective:
     model = model_lib.Decoder(model_config)
     return Objective(
         name="sft",

@@ -1,0 +1,280 @@
+"""What a run is, resolved and checked before any data is read or anything compiled.
+
+`make_plan(config)` is the setup that `train` and `evaluate_checkpoint` share: the config checked,
+`init.hf_dir`'s architecture and tokenizer taken in, `model.dtype="auto"` resolved, the
+objective built, the mesh made, the batch layout checked against it, the tokenizer loaded. The
+rest of this module turns a plan into data (`load_data`, `train_iterator`, `eval_batches`) and
+starting parameters (`initial_params`) -- all without knowing which objective runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxpost import checkpoint as ckpt
+from jaxpost import config as config_lib
+from jaxpost import hf, objectives, sharding, workdir
+from jaxpost import model as model_lib
+from jaxpost.data import pipeline
+from jaxpost.models import smollm2
+
+log = logging.getLogger("jaxpost")
+
+BUILTIN_MODELS = {"builtin:smollm2-135m-instruct": smollm2.hf_dir}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    global_batch: int
+    accum_steps: int
+    micro_batch: int  # global, per micro-step
+    local_micro_batch: int  # per process
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    config: ml_collections.ConfigDict  # resolved (architecture, tokenizer, dtype)
+    model_config: model_lib.Config
+    objective: objectives.Objective
+    mesh: jax.sharding.Mesh
+    layout: BatchLayout
+    packing: dict[str, Any]  # packing, segments_per_row, packing_bins
+    tokenizer: Any
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.config.data.seq_len)
+
+
+def make_plan(config: ml_collections.ConfigDict) -> Plan:
+    """Check and resolve `config` into a `Plan`; every error a user can cause is raised here."""
+    config_lib.check_config(config)
+    config = resolve_dtype(resolve_hf_dir(config))
+    model_config = model_lib.Config(**config.model)
+    packing = packing_settings(config)
+    objective = objectives.make_objective(
+        config.objective, model_config, segments_per_row=packing["segments_per_row"]
+    )
+    if config.init.hf_dir:
+        kind = hf.read_config(config.init.hf_dir)[1]
+        if kind == "reward" and objective.params_kind != "reward":
+            raise ValueError(
+                f"config.init.hf_dir={config.init.hf_dir!r} is a reward model (sequence "
+                f"classifier); objective {objective.name!r} needs a causal LM"
+            )
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_model_fits_mesh(model_config, mesh)
+    layout = batch_layout(config, mesh)
+    if layout.accum_steps > 1 and not objective.accumulation_exact:
+        log.warning(
+            "config.objective (%s, loss_type=%s) couples the pairs of a micro-batch (it sorts "
+            "them), so with train.accum_steps=%d a step is not the same as one step on the "
+            "whole batch",
+            objective.name,
+            config.objective.loss_type,
+            layout.accum_steps,
+        )
+    tokenizer = pipeline.make_tokenizer(config.data)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size})."
+        )
+    return Plan(config, model_config, objective, mesh, layout, packing, tokenizer)
+
+
+def resolve_hf_dir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """With `init.hf_dir`: a copy of `config` whose model is that directory's architecture (the
+    compute settings dtype/param_dtype/remat/attention stay) and whose tokenizer defaults to it.
+    Without: the byte tokenizer unless `data.tokenizer` names one."""
+    src = config.init.hf_dir
+    if not src:
+        if not config.data.tokenizer:
+            config = config.copy_and_resolve_references()
+            config.data.tokenizer = "byte"
+        return config
+    if src.startswith("builtin:"):
+        if src not in BUILTIN_MODELS:
+            raise ValueError(
+                f"config.init.hf_dir={src!r}: built-in models are {sorted(BUILTIN_MODELS)}"
+            )
+        src = BUILTIN_MODELS[src]()  # fetched, converted and cached on first use
+    hf_config, _ = hf.read_config(src)
+    config = config.copy_and_resolve_references()
+    config.init.hf_dir = src
+    arch = dataclasses.asdict(hf_config)
+    for k in workdir.COMPUTE_FIELDS:
+        arch[k] = config.model[k]
+    config.model = arch
+    if not config.data.tokenizer:
+        config.data.tokenizer = src
+    return config
+
+
+def resolve_dtype(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`model.dtype="auto"` made concrete (bfloat16 compute on accelerators, float32 on CPU;
+    params stay in `model.param_dtype`, float32 by default: float32 master weights), so that
+    WORKDIR/config.json records what ran."""
+    if config.model.dtype != "auto":
+        return config
+    config = config.copy_and_resolve_references()
+    config.model.dtype = model_lib.resolve_dtype("auto")
+    return config
+
+
+def packing_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    packing = config.data.packing
+    if packing not in pipeline.PACKINGS:
+        raise ValueError(f"config.data.packing={packing!r} is not one of {pipeline.PACKINGS}")
+    segments = int(config.data.max_segments_per_row) if packing != "none" else 1
+    if segments < 1:
+        raise ValueError("config.data.max_segments_per_row must be at least 1")
+    if packing != "none" and int(config.data.packing_bins) < 1:
+        raise ValueError(
+            f"config.data.packing_bins={config.data.packing_bins} must be at least 1 "
+            "(rows filled at a time; 64 is a good default)"
+        )
+    return {
+        "packing": packing,
+        "segments_per_row": segments,
+        "packing_bins": int(config.data.packing_bins),
+    }
+
+
+def batch_layout(config: ml_collections.ConfigDict, mesh) -> BatchLayout:
+    gb, accum = int(config.train.global_batch), int(config.train.accum_steps)
+    dp = sharding.data_parallel_size(mesh)
+    if gb <= 0 or accum <= 0:
+        raise ValueError("train.global_batch and train.accum_steps must be positive")
+    if gb % accum:
+        raise ValueError(
+            f"train.global_batch={gb} is not divisible by train.accum_steps={accum}; each "
+            "micro-batch must hold the same number of sequences."
+        )
+    micro = gb // accum
+    if micro % dp:
+        raise ValueError(
+            f"The micro-batch (train.global_batch / train.accum_steps = {micro}) is not divisible "
+            f"by the data-parallel size mesh.data x mesh.fsdp = {dp}; choose a global batch that "
+            f"is a multiple of {dp * accum}."
+        )
+    eval_b = int(config.eval.batch_size)
+    if eval_b % dp:
+        raise ValueError(
+            f"eval.batch_size={eval_b} is not divisible by the data-parallel size {dp}."
+        )
+    n_proc = jax.process_count()
+    if dp % n_proc:
+        raise ValueError(
+            f"The data-parallel size mesh.data x mesh.fsdp = {dp} is not a multiple of the "
+            f"{n_proc} processes: every process must feed its own batch rows. Keep the tensor "
+            "axis within a host (e.g. --config.mesh.tensor=<devices per host or fewer>)."
+        )
+    return BatchLayout(gb, accum, micro, micro // n_proc)
+
+
+def load_data(plan: Plan, *, train: bool = True) -> pipeline.RunData:
+    """Every record read, validated and tokenised now, so bad data stops the run here.
+    `train=False` loads only the eval split."""
+    config = plan.config
+    common = dict(
+        kind=plan.objective.data_kind,
+        seq_len=plan.seq_len,
+        truncation=config.data.truncation,
+        skip_invalid=bool(config.data.skip_invalid),
+        tfds_data_dir=config.data.tfds_data_dir,
+    )
+    data = pipeline.RunData(train=[], weights=[], eval=[])
+    if train:
+        data.train, data.weights, data.train_stats = pipeline.load_mixture(
+            config.data.train_path, "train", plan.tokenizer, **common
+        )
+        log.info("train data %s: %s", config.data.train_path, data.train_stats.summary())
+    if config.data.eval_path:
+        eval_sources, _, data.eval_stats = pipeline.load_mixture(
+            config.data.eval_path,
+            "eval",
+            plan.tokenizer,
+            max_examples=int(config.data.max_eval_examples),
+            **common,
+        )
+        data.eval = [ex for source in eval_sources for ex in source]
+        log.info("eval data %s: %s", config.data.eval_path, data.eval_stats.summary())
+    return data
+
+
+def train_iterator(plan: Plan, data: pipeline.RunData):
+    """This process's endless, checkpointable iterator of `[accum, micro_batch, ...]` batches."""
+    return pipeline.make_train_iterator(
+        data.train,
+        mixture_weights=data.weights,
+        **plan.packing,
+        kind=plan.objective.data_kind,
+        seq_len=plan.seq_len,
+        micro_batch=plan.layout.local_micro_batch,
+        accum_steps=plan.layout.accum_steps,
+        seed=int(plan.config.seed),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=int(plan.config.data.num_workers),
+    )
+
+
+def eval_batches(plan: Plan, examples: list) -> list:
+    """The whole eval split once, as this process's `[1, micro_batch, ...]` batches."""
+    if not examples:
+        return []
+    return pipeline.make_eval_batches(
+        examples,
+        seq_len=plan.seq_len,
+        micro_batch=int(plan.config.eval.batch_size) // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        kind=plan.objective.data_kind,
+        **plan.packing,
+    )
+
+
+def initial_params(plan: Plan, params):
+    """The params training starts from: `params` (fresh, sharded), or those of `init.workdir`
+    (e.g. an SFT run) or `init.hf_dir`, restored straight into `params`' sharded layout (each
+    host reads its own shards). A causal LM's weights fill `objective.lm_subtree` (a reward
+    model's backbone); what they do not cover (a new reward head) keeps its fresh values."""
+    init, objective = plan.config.init, plan.objective
+    if not (init.workdir or init.hf_dir):
+        return params
+    log.info("initial parameters from %s", init.workdir or init.hf_dir)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+    )
+    if not init.workdir:
+        loaded = hf.load_params(
+            init.hf_dir, plan.model_config, objective.params_kind, target=target
+        )
+        # What the directory does not hold (a causal LM's missing reward head) stays fresh.
+        return jax.tree.map(
+            lambda new, old: old if isinstance(new, jax.ShapeDtypeStruct) else new, loaded, params
+        )
+    sub = target
+    for key in objective.lm_subtree:
+        sub = sub[key]
+    step = int(init.step)
+    try:
+        restored = ckpt.restore_params(init.workdir, sub, None if step < 0 else step)
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"config.init.workdir={init.workdir!r}: its parameters do not fit this "
+            f"{objective.name} model ({e})"
+        ) from None
+    return _replace_subtree(params, objective.lm_subtree, restored)
+
+
+def _replace_subtree(tree, path: tuple[str, ...], value):
+    if not path:
+        return value
+    return {**tree, path[0]: _replace_subtree(tree[path[0]], path[1:], value)}
