@@ -1,17 +1,5 @@
-"""Pure loss math on arrays, importable into any JAX code.
-
-Only jax and numpy are imported here. Every function is jit- and grad-safe and computes in the
-dtype of its inputs, except that half-precision inputs (bfloat16, float16) are upcast to float32
-for the reductions, so log-softmax never overflows.
-
-Shape legend: B batch, L length (targets), V vocabulary, D model width.
-
-Conventions:
-  * `logits[:, t]` is the distribution of `targets[:, t]`; the caller shifts (inputs are
-    `tokens[:, :-1]`, targets are `tokens[:, 1:]`).
-  * masks are 0/1 (any numeric or boolean dtype); masked-out positions contribute exactly zero,
-    also when their logits are not finite.
-"""
+"""Preference optimisation on per-sequence log-probs: the DPO family (TRL 1.16 DPOTrainer's loss
+types), SimPO and ORPO, and the chosen-completion NLL that RPO and ORPO add."""
 
 from __future__ import annotations
 
@@ -21,230 +9,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "token_logps",
-    "sequence_logps",
-    "sft_loss",
-    "sft_loss_sum",
-    "nll_sum",
-    "chunked_token_logps",
-    "token_stats",
-    "chunked_token_stats",
-    "segment_sum",
-    "segment_last",
-    "reward_loss",
-    "reward_loss_terms",
-    "dpo_loss",
-    "DPO_LOSSES",
-    "simpo_loss",
-    "orpo_loss",
-    "orpo_odds_ratio_loss",
-    "orpo_log_odds_ratio",
-    "chosen_nll",
-]
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-    """float64 stays float64; everything narrower than float32 is computed in float32."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def token_logps(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
-    """Log-probability of each target token: `log softmax(logits)[b, t, targets[b, t]]`.
-
-    Args:
-      logits_BLV: unnormalised scores `[B, L, V]`.
-      targets_BL: integer token ids `[B, L]`, each in `[0, V)`.
-
-    Returns:
-      `[B, L]` log-probabilities in the compute dtype (float32, or float64 for float64 logits).
-    """
-    logits_BLV = logits_BLV.astype(_compute_dtype(logits_BLV.dtype))
-    target_logits_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    return target_logits_BL - jax.nn.logsumexp(logits_BLV, axis=-1)
-
-
-def sequence_logps(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array) -> jax.Array:
-    """Masked sum of token log-probabilities per sequence, `[B]`."""
-    logps_BL = token_logps(logits_BLV, targets_BL)
-    return jnp.sum(jnp.where(mask_BL.astype(bool), logps_BL, 0.0), axis=-1)
-
-
-def segment_sum(values_BL: jax.Array, segment_ids_BL: jax.Array, num_segments: int) -> jax.Array:
-    """Per-segment sums `[B, S]` of a packed row: entry `[b, k]` sums the positions of row b
-    whose segment id is `k + 1`; segment id 0 (padding) and ids above `num_segments` are dropped.
-
-    With `values = token_logps * mask` this gives the log-prob of every packed sequence
-    (`S = 1` for unpacked rows, whose real tokens all have segment id 1).
-    """
-    B, L = values_BL.shape
-    seg = segment_ids_BL.astype(jnp.int32) - 1
-    keep = (seg >= 0) & (seg < num_segments)
-    flat = jnp.where(keep, jnp.arange(B)[:, None] * num_segments + seg, B * num_segments)
-    sums = jax.ops.segment_sum(
-        jnp.where(keep, values_BL, 0).ravel(), flat.ravel(), num_segments=B * num_segments + 1
-    )
-    return sums[: B * num_segments].reshape(B, num_segments)
-
-
-def segment_last(values_BL: jax.Array, segment_ids_BL: jax.Array, num_segments: int) -> jax.Array:
-    """`[B, S]`: each segment's value at its last position (0 where a segment is absent)."""
-    B, L = values_BL.shape
-    pos_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
-    seg = segment_ids_BL.astype(jnp.int32) - 1
-    keep = (seg >= 0) & (seg < num_segments)
-    flat = jnp.where(keep, jnp.arange(B)[:, None] * num_segments + seg, B * num_segments)
-    last = jax.ops.segment_max(
-        jnp.where(keep, pos_BL, -1).ravel(), flat.ravel(), num_segments=B * num_segments + 1
-    )[: B * num_segments].reshape(B, num_segments)
-    present = last >= 0
-    gathered = jnp.take_along_axis(values_BL, jnp.maximum(last, 0), axis=1)
-    return jnp.where(present, gathered, jnp.zeros((), values_BL.dtype))
-
-
-def nll_sum(logps_BL: jax.Array, mask_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(-sum of the masked token log-probs, number of masked tokens)`: the parts of a token-mean
-    negative log-likelihood, to be divided by the tokens of a whole (accumulated) batch."""
-    keep_BL = mask_BL.astype(bool)
-    return -jnp.sum(jnp.where(keep_BL, logps_BL, 0.0)), jnp.sum(keep_BL).astype(logps_BL.dtype)
-
-
-def sft_loss_sum(
-    logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token NLL over masked tokens and the number of those tokens.
-
-    The pair form lets callers normalise by the tokens of a whole (accumulated, multi-host)
-    batch: `sum(nll_sums) / sum(counts)` over micro-batches equals `sft_loss` of the big batch.
-    """
-    return nll_sum(token_logps(logits_BLV, targets_BL), mask_BL)
-
-
-def sft_loss(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array) -> jax.Array:
-    """Masked next-token negative log-likelihood, averaged over the target tokens of the batch.
-
-    `sum_{b,t} mask[b,t] * -log p(targets[b,t]) / sum_{b,t} mask[b,t]` -- a token mean over the
-    whole batch, not a mean of per-sequence means, so long completions weigh by their length.
-    A batch with no target tokens gives 0 (not NaN).
-    """
-    nll_sum, count = sft_loss_sum(logits_BLV, targets_BL, mask_BL)
-    return nll_sum / jnp.maximum(count, 1.0)
-
-
-def token_stats(logits_BLV: jax.Array, targets_BL: jax.Array):
-    """`(token_logps, is_top1, mean_logits)`, each `[B, L]`: the log-prob of each target, whether
-    it is the argmax (greedy decoding would emit it), and the mean logit over the vocabulary."""
-    logps_BL = token_logps(logits_BLV, targets_BL)
-    is_top1_BL = jnp.argmax(logits_BLV, axis=-1) == targets_BL
-    mean_BL = jnp.mean(logits_BLV.astype(_compute_dtype(logits_BLV.dtype)), axis=-1)
-    return logps_BL, is_top1_BL, mean_BL
-
-
-def chunked_token_stats(
-    hidden_BLD: jax.Array,
-    unembed_DV: jax.Array,
-    targets_BL: jax.Array,
-    *,
-    chunk_size: int = 256,
-):
-    """`token_stats(hidden @ unembed, targets)` without materialising `[B, L, V]` logits.
-
-    The sequence is processed in chunks of `chunk_size` positions under `jax.checkpoint`, so the
-    forward and backward passes hold at most `[B, chunk_size, V]` logits at a time. Results equal
-    the full computation up to float rounding.
-
-    Args:
-      hidden_BLD: final hidden states (after the last norm) `[B, L, D]`.
-      unembed_DV: output projection `[D, V]`.
-      targets_BL: `[B, L]` token ids.
-      chunk_size: positions per chunk; `L` is padded up to a multiple of it internally.
-    """
-    B, L, D = hidden_BLD.shape
-    n_chunks = -(-L // chunk_size)
-    pad = n_chunks * chunk_size - L
-    hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
-    targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
-    # [n, B, C, ...] so lax.map walks the chunks.
-    hidden_nBCD = hidden_BLD.reshape(B, n_chunks, chunk_size, D).swapaxes(0, 1)
-    targets_nBC = targets_BL.reshape(B, n_chunks, chunk_size).swapaxes(0, 1)
-
-    # Logits accumulate and stay in float32 (or wider) whatever the compute dtype: rounding
-    # them to bfloat16 before the log-softmax would bias every log-prob (DPO sums those errors
-    # over whole completions).
-    logits_dtype = _compute_dtype(jnp.result_type(hidden_BLD, unembed_DV))
-
-    @jax.checkpoint
-    def chunk_stats(args):
-        h_BCD, t_BC = args
-        logits_BCV = jnp.einsum(
-            "bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=logits_dtype
-        )
-        return token_stats(logits_BCV, t_BC)
-
-    stats = jax.lax.map(chunk_stats, (hidden_nBCD, targets_nBC))
-    return tuple(x.swapaxes(0, 1).reshape(B, n_chunks * chunk_size)[:, :L] for x in stats)
-
-
-def chunked_token_logps(
-    hidden_BLD: jax.Array,
-    unembed_DV: jax.Array,
-    targets_BL: jax.Array,
-    *,
-    chunk_size: int = 256,
-) -> jax.Array:
-    """`token_logps(hidden @ unembed, targets)` without materialising `[B, L, V]` logits
-    (see `chunked_token_stats`)."""
-    return chunked_token_stats(hidden_BLD, unembed_DV, targets_BL, chunk_size=chunk_size)[0]
-
-
-# --- reward modeling -----------------------------------------------------------------------------
-
-
-def reward_loss_terms(
-    chosen_rewards: jax.Array,
-    rejected_rewards: jax.Array,
-    *,
-    margin: jax.Array | float | None = None,
-    center_rewards_coefficient: float | None = None,
-    mask: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Per-pair terms `[B]` of `reward_loss`: the Bradley-Terry term
-    `-log_sigmoid(r_c - r_r - margin)` and the centering term `c * (r_c + r_r) ** 2` (None
-    without a coefficient); both 0 where `mask` is False (padding pairs)."""
-    dtype = _compute_dtype(jnp.result_type(chosen_rewards, rejected_rewards))
-    rc, rr = chosen_rewards.astype(dtype), rejected_rewards.astype(dtype)
-    diff = rc - rr
-    if margin is not None:
-        diff = diff - jnp.asarray(margin, dtype)
-    keep = jnp.ones(rc.shape, bool) if mask is None else mask.astype(bool)
-    pairs = jnp.where(keep, -jax.nn.log_sigmoid(diff), 0.0)
-    center = None
-    if center_rewards_coefficient:
-        center = jnp.where(keep, center_rewards_coefficient * (rc + rr) ** 2, 0.0)
-    return pairs, center
-
-
-def reward_loss(
-    chosen_rewards: jax.Array,
-    rejected_rewards: jax.Array,
-    *,
-    margin: jax.Array | float | None = None,
-    center_rewards_coefficient: float | None = None,
-) -> jax.Array:
-    """Bradley-Terry pairwise loss (Ouyang et al. 2022, eq. 1), with TRL RewardTrainer's options.
-
-    `mean(-log_sigmoid(r_c - r_r - margin)) + c * mean((r_c + r_r) ** 2)`; the margin (Llama 2,
-    Touvron et al. 2023, eq. 2) may be per pair; the centering term (Eisenstein et al. 2023) keeps
-    rewards near zero.
-    """
-    pairs, center = reward_loss_terms(
-        chosen_rewards,
-        rejected_rewards,
-        margin=margin,
-        center_rewards_coefficient=center_rewards_coefficient,
-    )
-    return jnp.mean(pairs) + (0.0 if center is None else jnp.mean(center))
-
+from jaxpost.losses.tokens import compute_dtype
 
 # --- direct preference optimization and its family -----------------------------------------------
 #
@@ -415,7 +180,7 @@ def chosen_nll(
     """`(-sum of the chosen completions' log-probs, their token count)` over the real pairs:
     the parts of the token-mean NLL that RPO's "sft" term and ORPO add to a preference loss
     (divide by the tokens of the whole batch)."""
-    dtype = _compute_dtype(policy_chosen_logps.dtype)
+    dtype = compute_dtype(policy_chosen_logps.dtype)
     keep = jnp.ones(policy_chosen_logps.shape, bool) if mask is None else mask.astype(bool)
     total = -jnp.sum(jnp.where(keep, policy_chosen_logps.astype(dtype), 0.0))
     return total, jnp.sum(jnp.where(keep, chosen_lengths.astype(dtype), 0.0))
@@ -533,7 +298,7 @@ def dpo_loss(
             f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}"
         )
 
-    dtype = _compute_dtype(
+    dtype = compute_dtype(
         jnp.result_type(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
         )
@@ -590,7 +355,7 @@ def simpo_loss(
 
     Returns `(per_example_losses, chosen_rewards, rejected_rewards)`, each `[B]`.
     """
-    dtype = _compute_dtype(jnp.result_type(policy_chosen_logps, policy_rejected_logps))
+    dtype = compute_dtype(jnp.result_type(policy_chosen_logps, policy_rejected_logps))
     one = jnp.ones((), dtype)
     rc = beta * policy_chosen_logps.astype(dtype) / jnp.maximum(chosen_lengths.astype(dtype), one)
     rr = (
@@ -649,7 +414,7 @@ def orpo_log_odds_ratio(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`(log odds(y_c) - log odds(y_r), mean logp chosen, mean logp rejected)`, each `[B]`
     (Hong et al. 2024, eq. 5), with `odds(y) = P / (1 - P)`, `P = exp(logp / |y|)`."""
-    dtype = _compute_dtype(jnp.result_type(policy_chosen_logps, policy_rejected_logps))
+    dtype = compute_dtype(jnp.result_type(policy_chosen_logps, policy_rejected_logps))
     one = jnp.ones((), dtype)
     lc = jnp.maximum(chosen_lengths.astype(dtype), one)
     lr = jnp.maximum(rejected_lengths.astype(dtype), one)
