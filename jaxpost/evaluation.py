@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -81,7 +82,7 @@ def evaluate_checkpoint(
 
     E.g. the task accuracy of a DPO policy measured with the SFT config's eval data.
     """
-    plan = plan_lib.make_plan(config)
+    plan = plan_lib.make_plan(config, training=False)
     if not plan.config.data.eval_path:
         raise ValueError("evaluate_checkpoint needs config.data.eval_path (an eval split)")
     data = plan_lib.load_data(plan, train=False)
@@ -102,16 +103,21 @@ def evaluate_checkpoint(
                 objective.model, mesh, seed=int(plan.config.seed), seq_len=plan.seq_len
             )
             initial = plan_lib.initial_params(plan, fresh)
+            del fresh
             frozen, frozen_shardings = step_lib.make_frozen(objective, initial)
             if objective.prepare is not None:
-                data = objective.prepare(
-                    initial,
-                    data,
-                    mesh=mesh,
-                    workdir=params_workdir,
-                    seq_len=plan.seq_len,
-                    batch_size=int(plan.config.eval.batch_size),
-                )
+                # Caches go where the config says (objective.reference_cache_dir), else to a
+                # scratch directory: evaluating never writes into the evaluated run.
+                with tempfile.TemporaryDirectory(prefix="jaxpost-eval-") as scratch:
+                    data = objective.prepare(
+                        initial,
+                        data,
+                        mesh=mesh,
+                        workdir=scratch,
+                        seq_len=plan.seq_len,
+                        batch_size=int(plan.config.eval.batch_size),
+                    )
+            del initial
         eval_step = step_lib.make_eval_step(
             objective,
             params_shardings=jax.tree.map(lambda t: t.sharding, target),

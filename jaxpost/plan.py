@@ -42,7 +42,7 @@ class Plan:
     model_config: model_lib.Config
     objective: objectives.Objective
     mesh: jax.sharding.Mesh
-    layout: BatchLayout
+    layout: BatchLayout | None  # None for evaluation-only plans
     packing: dict[str, Any]  # packing, segments_per_row, packing_bins
     tokenizer: Any
 
@@ -51,8 +51,9 @@ class Plan:
         return int(self.config.data.seq_len)
 
 
-def make_plan(config: ml_collections.ConfigDict) -> Plan:
-    """Check and resolve `config` into a `Plan`; every error a user can cause is raised here."""
+def make_plan(config: ml_collections.ConfigDict, *, training: bool = True) -> Plan:
+    """Check and resolve `config` into a `Plan`; every error a user can cause is raised here.
+    `training=False` (evaluation) skips what only training needs: the train batch layout."""
     config_lib.check_config(config)
     config = resolve_dtype(resolve_hf_dir(config))
     model_config = model_lib.Config(**config.model)
@@ -69,8 +70,9 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
             )
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_model_fits_mesh(model_config, mesh)
-    layout = batch_layout(config, mesh)
-    if layout.accum_steps > 1 and not objective.accumulation_exact:
+    check_eval_batch(config, mesh)
+    layout = batch_layout(config, mesh) if training else None
+    if layout is not None and layout.accum_steps > 1 and not objective.accumulation_exact:
         log.warning(
             "config.objective (%s, loss_type=%s) couples the pairs of a micro-batch (it sorts "
             "them), so with train.accum_steps=%d a step is not the same as one step on the "
@@ -147,6 +149,7 @@ def packing_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def batch_layout(config: ml_collections.ConfigDict, mesh) -> BatchLayout:
+    """How `train.global_batch` splits into micro-batches, devices and processes (checked)."""
     gb, accum = int(config.train.global_batch), int(config.train.accum_steps)
     dp = sharding.data_parallel_size(mesh)
     if gb <= 0 or accum <= 0:
@@ -163,7 +166,12 @@ def batch_layout(config: ml_collections.ConfigDict, mesh) -> BatchLayout:
             f"by the data-parallel size mesh.data x mesh.fsdp = {dp}; choose a global batch that "
             f"is a multiple of {dp * accum}."
         )
-    eval_b = int(config.eval.batch_size)
+    return BatchLayout(gb, accum, micro, micro // jax.process_count())
+
+
+def check_eval_batch(config: ml_collections.ConfigDict, mesh) -> None:
+    """Eval batches split over the data-parallel devices, each process feeding its own rows."""
+    eval_b, dp = int(config.eval.batch_size), sharding.data_parallel_size(mesh)
     if eval_b % dp:
         raise ValueError(
             f"eval.batch_size={eval_b} is not divisible by the data-parallel size {dp}."
@@ -175,7 +183,6 @@ def batch_layout(config: ml_collections.ConfigDict, mesh) -> BatchLayout:
             f"{n_proc} processes: every process must feed its own batch rows. Keep the tensor "
             "axis within a host (e.g. --config.mesh.tensor=<devices per host or fewer>)."
         )
-    return BatchLayout(gb, accum, micro, micro // n_proc)
 
 
 def load_data(plan: Plan, *, train: bool = True) -> pipeline.RunData:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxpost import checkpoint as ckpt
-from jaxpost import hf, objectives, sampling
+from jaxpost import hf, sampling
 from jaxpost import model as model_lib
 from jaxpost.data import pipeline
 from jaxpost.data.tokenizer import ByteTokenizer
@@ -41,8 +41,10 @@ def load_run(workdir: str, step: int | None = None) -> tuple[dict, model_lib.Con
     """`(run config, model config, kind, numpy params)` of a workdir's checkpoint."""
     run = _run_config(workdir)
     model_config = model_lib.Config(**run["model"])
-    kind = objectives.make_objective(run["objective"], model_config).params_kind
     params = ckpt.load_params(workdir, step)
+    # What the checkpoint holds decides (a reward model's params carry its score head), so
+    # workdirs of any jaxpost version export alike.
+    kind = "reward" if "score" in params else "causal_lm"
     return run, model_config, kind, params
 
 

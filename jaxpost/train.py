@@ -63,12 +63,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_steps, seq_len = int(config.train.num_steps), plan.seq_len
     workdir_lib.check_init_workdir(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    workdir_lib.check_resume(workdir, config)
+    workdir_lib.check_resume(workdir, config, objective.data_kind)
     sampler = evaluation.make_sampler(plan, workdir)
 
     # --- Data: every record read, validated and tokenised now, so bad data stops the run here.
     data = plan_lib.load_data(plan)
-    workdir_lib.write_config(workdir, config)
+    workdir_lib.write_config(workdir, config, objective.data_kind)
 
     # --- State: born sharded; the objective's initial params, frozen part, one-time preparation;
     # or everything (data position included) from the workdir's last checkpoint.
@@ -82,10 +82,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state, state_shardings = step_lib.create_state(
             objective.model, tx, mesh, seed=int(config.seed), seq_len=seq_len
         )
-        # The initial params, never the resumed ones, make the frozen part and the preparation
-        # (a resumed run without either skips reading them).
+        # The initial params, never the resumed ones, make the frozen part and the preparation;
+        # a resumed run needs them only for those.
         resuming = manager.latest_step() is not None
-        if not resuming or objective.frozen is not None or objective.prepare is not None:
+        uses_initial = objective.frozen is not None or objective.prepare is not None
+        if not resuming or uses_initial:
             state = state.replace(params=plan_lib.initial_params(plan, state.params))
         frozen, frozen_shardings = step_lib.make_frozen(objective, state.params)
         if objective.prepare is not None:
@@ -185,7 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if pending is not None:
                     record(*pending)  # step N-1's metrics, fetched while step N runs
                 pending = (step, device_metrics)
-                eval_now = every["eval"] and step % every["eval"] == 0 and step != num_steps
+                # (the last step's eval and save come after the loop)
+                eval_now = every["eval"] and step % every["eval"] == 0
                 save_now = every["checkpoint"] and step % every["checkpoint"] == 0
                 if (eval_now or save_now) and step != num_steps:
                     record(*pending)  # never evaluate or save a state whose loss was not finite

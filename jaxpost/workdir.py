@@ -18,6 +18,7 @@ from etils import epath
 
 from jaxpost import checkpoint as ckpt
 from jaxpost import model as model_lib
+from jaxpost.data import pipeline
 
 log = logging.getLogger("jaxpost")
 
@@ -62,8 +63,9 @@ def _model_defaults() -> dict:
     return {f.name: f.default for f in dataclasses.fields(model_lib.Config)}
 
 
-def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A workdir's checkpoints may only be resumed by a compatible run (never clobbered)."""
+def check_resume(workdir: str, config: ml_collections.ConfigDict, data_kind: str) -> None:
+    """A workdir's checkpoints may only be resumed by a compatible run (never clobbered).
+    `data_kind` is the row layout the objective reads (`pipeline.KINDS`)."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists() or not ckpt.saved_steps(workdir):
         return  # nothing to resume (a run that died before its first save locks nothing)
@@ -89,6 +91,14 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
         for k in RESUME_KEYS
         if _get(saved, k) != _get(current, k)
     ]
+    # Workdirs written before the row layout was recorded hold next-token rows (a reward model
+    # then read its reward one token early).
+    saved_kind = saved.get("_data_kind", data_kind if pipeline.next_token_rows(data_kind) else "")
+    if saved_kind != data_kind:
+        problems.append(
+            f"row layout: {saved_kind or 'next-token rows (an earlier jaxpost)'} there, "
+            f"{data_kind} here"
+        )
     saved_procs = saved.get("_process_count", jax.process_count())
     if saved_procs != jax.process_count():
         problems.append(f"process count: {saved_procs} there, {jax.process_count()} here")
@@ -108,13 +118,14 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
         )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: str, config: ml_collections.ConfigDict, data_kind: str) -> None:
     """WORKDIR/config.json (atomically, from process 0): what `jaxpost export`/`sample` and a
     resumed run read back."""
     if jax.process_index() != 0:
         return
     record = config.to_dict()
     record["_process_count"] = jax.process_count()  # checked on resume
+    record["_data_kind"] = data_kind  # the row layout, checked on resume
     path = epath.Path(workdir) / "config.json"
     tmp = epath.Path(workdir) / "config.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))

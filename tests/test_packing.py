@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from jaxpost import config as config_lib
-from jaxpost import evaluation, objectives, sharding
+from jaxpost import evaluation, losses, objectives, sharding
 from jaxpost import model as model_lib
 from jaxpost import step as step_lib
 from jaxpost import train as train_lib
@@ -84,6 +84,49 @@ def test_packed_rows_give_the_same_metrics_as_unpacked(name, kind, path, packing
     for key, value in unpacked.items():
         # float32 sums over differently laid out rows: rounding-level differences only.
         assert packed[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit"])
+def test_packed_reward_model_rows_give_the_same_metrics_as_unpacked(packing):
+    """The rows a reward model trains on (whole sequences, no targets) pack like the others."""
+    from jaxpost.objectives import rm
+
+    config = config_lib.load_config(f"{REPO}/configs/rm.py:smoke")
+    objective = objectives.make_objective(config.objective, model_lib.Config(**config.model))
+    assert objective.data_kind == "reward_pairs"
+    examples, _ = pipeline.load_examples(
+        "builtin:sort_prefs", "eval", TOK, kind="reward_pairs", seq_len=64, max_examples=40
+    )
+    results = {}
+    for how, segments in (("none", 1), (packing, 6)):
+        batches = pipeline.make_eval_batches(
+            examples,
+            seq_len=64,
+            micro_batch=48,
+            packing=how,
+            segments_per_row=segments,
+            packing_bins=4,
+            kind="reward_pairs",
+        )
+        assert len(batches) == 1 and "targets" not in batches[0]
+        micro = jax.tree.map(lambda x: jnp.asarray(x[0]), batches[0])
+        # Each sequence's last input token is its EOS, where its reward is read.
+        seg = np.asarray(micro["segment_ids"])
+        last = np.asarray(
+            losses.segment_last(micro["inputs"].reshape(-1, 64), seg.reshape(-1, 64), segments)
+        )
+        assert set(last[seg.reshape(-1, 64).max(-1) > 0].ravel()) - {0} == {TOK.eos_id}
+        params = sharding.strip_boxes(
+            objective.model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32))
+        )["params"]
+        rc, rr, valid = rm.pair_rewards(params, micro, model=objective.model, segments=segments)
+        results[how] = (np.asarray(rc)[np.asarray(valid)], np.asarray(rr)[np.asarray(valid)])
+    # Packing reorders the pairs: compare them as sets of (chosen, rejected) rewards.
+    (uc, ur), (pc, pr) = results["none"], results[packing]
+    assert len(uc) == len(pc) == len(examples)
+    u, p = np.lexsort((ur, uc)), np.lexsort((pr, pc))
+    np.testing.assert_allclose(pc[p], uc[u], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pr[p], ur[u], rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_never_cross_packed_segments():

@@ -46,6 +46,7 @@ def main(argv=None):
         packing=args.packing,
         segments_per_row=args.segments,
         packing_bins=args.bins,
+        kind=args.kind,
     )
     next(it)  # warm up (and start workers)
     batches = real_tokens = sequences = 0
@@ -57,7 +58,7 @@ def main(argv=None):
         real_tokens += int((seg > 0).sum())
         sequences += int(seg.max(axis=-1).sum())  # segments are numbered 1..k per row
     elapsed = time.perf_counter() - t0
-    slots = batches * args.batch * args.seq * (2 if args.kind == "pairs" else 1)
+    slots = batches * args.batch * args.seq * (2 if pipeline.is_pairs(args.kind) else 1)
     print(
         json.dumps(
             {

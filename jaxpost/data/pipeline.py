@@ -53,7 +53,8 @@ def is_pairs(kind: str) -> bool:
     return kind in ("pairs", "reward_pairs")
 
 
-def _shifted(kind: str) -> bool:
+def next_token_rows(kind: str) -> bool:
+    """Whether rows of `kind` hold next-token `inputs`/`targets` (else whole sequences)."""
     return kind != "reward_pairs"
 
 
@@ -184,7 +185,7 @@ def load_examples(
     if kind not in KINDS:
         raise ValueError(f"data kind {kind!r} is not one of {KINDS}")
     examples, stats = [], DataStats()
-    limit = seq_len + 1 if _shifted(kind) else seq_len
+    limit = seq_len + 1 if next_token_rows(kind) else seq_len
     for record, where in sources.read_records(spec, split, tfds_data_dir=tfds_data_dir):
         stats.records += 1
         try:
@@ -304,7 +305,7 @@ def to_row(
     A `PairExample` gives `[2, seq_len]` arrays (chosen, rejected) and, when present,
     `ref_logps` `[1, 2]` (one segment).
     """
-    shift = kind is None or _shifted(kind)
+    shift = kind is None or next_token_rows(kind)
     if isinstance(ex, Example):
         return _sequence_row(ex, seq_len, shift)
     c, r = _sequence_row(ex.chosen, seq_len, shift), _sequence_row(ex.rejected, seq_len, shift)
@@ -409,7 +410,7 @@ def make_train_iterator(
     shuffled and repeated on its own. `kind` (see `KINDS`) picks the row layout; the default
     is next-token rows.
     """
-    shift = kind is None or _shifted(kind)
+    shift = kind is None or next_token_rows(kind)
     if packing not in PACKINGS:
         raise ValueError(f"config.data.packing={packing!r} is not one of {PACKINGS}")
     sources = examples if mixture_weights is not None else [examples]
@@ -465,7 +466,7 @@ def pack_examples(
         segments=segments_per_row,
         bins=packing_bins,
         seed=0,
-        shift=kind is None or _shifted(kind),
+        shift=kind is None or next_token_rows(kind),
     )
     return list(ds)
 
