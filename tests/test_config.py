@@ -219,23 +219,3 @@ def test_a_run_that_died_before_saving_does_not_lock_its_workdir(tmp_path):
     )
     with pytest.raises(ValueError, match="data.packing: 'none' there, 'first_fit' here"):
         main(base + ["--config.data.packing=first_fit"])
-
-
-def test_a_reward_model_run_from_before_the_row_change_is_not_resumed(tmp_path):
-    """Earlier reward-model runs read next-token rows (the reward one token early) and fit
-    examples by another length: resuming them would change what the run trains on."""
-    workdir = tmp_path / "rm"
-    base = [
-        "train",
-        f"--config={REPO}/configs/rm.py:smoke",
-        f"--workdir={workdir}",
-        "--config.train.num_steps=1",
-        "--config.data.max_eval_examples=16",
-    ]
-    main(base)
-    saved = json.loads((workdir / "config.json").read_text())
-    assert saved["_data_kind"] == "reward_pairs"
-    del saved["_data_kind"]  # as an earlier jaxpost wrote it
-    (workdir / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"row layout: next-token rows .* there, reward_pairs"):
-        main(base + ["--config.train.num_steps=2"])

@@ -405,3 +405,18 @@ def test_exported_reward_model_scores_full_sequences_as_training_did(tmp_path):
     # And the run's own held-out metrics describe the exported model's scores.
     assert summary["eval_after"]["mean_reward"] == pytest.approx(exported.mean(), abs=1e-5)
     assert summary["eval_after"]["max_reward"] == pytest.approx(exported.max(), abs=1e-5)
+
+    # Evaluating this checkpoint with a causal-LM config is refused, naming what is missing.
+    from jaxpost import evaluation
+
+    with pytest.raises(ValueError, match="do not fit the sft model"):
+        evaluation.evaluate_checkpoint(cfg("sft"), str(run))
+
+    # A reward-model workdir of an earlier jaxpost (next-token rows: the reward read one token
+    # early) is not resumed under the new rows.
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["_data_kind"] == "reward_pairs" and saved["model"]["dtype"] == "float32"
+    del saved["_data_kind"]
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"row layout: next-token rows .* there, reward_pairs"):
+        train_lib.train(cfg("rm", **{"train.num_steps": 4}), str(run))

@@ -177,14 +177,11 @@ def test_sorting_losses_warn_that_accumulation_is_not_one_large_batch(caplog):
     assert "not the same" not in caplog.text
 
 
-def test_auto_dtype_is_float32_on_cpu_with_float32_master_weights(tmp_path):
-    config = smoke_config(**{"train.num_steps": 1, "eval.every_steps": 0})
+def test_auto_dtype_is_float32_on_cpu_with_float32_master_weights():
+    config = smoke_config()
     assert config.model.dtype == "auto" and config.model.param_dtype == "float32"
     assert model_lib.Config(**config.model).dtype == "float32"  # this test runs on CPU
-    import json
-
     from jaxpost import plan as plan_lib
 
+    # What config.json records (checked in test_objectives' reward-model run).
     assert plan_lib.make_plan(config).config.model.dtype == "float32"
-    train_lib.train(config, str(tmp_path))
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["dtype"] == "float32"
