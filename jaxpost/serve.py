@@ -10,6 +10,7 @@ Both read the run's `config.json` (architecture, objective, tokenizer) and a che
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from jaxpost import hf, sampling
 from jaxpost import model as model_lib
 from jaxpost.data import pipeline
 from jaxpost.data.tokenizer import ByteTokenizer
+
+log = logging.getLogger("jaxpost")
 
 
 def _run_config(workdir: str) -> dict:
@@ -58,6 +61,13 @@ def export(
 ) -> str:
     """Write a run's checkpoint as a Hugging Face directory (tokenizer files copied)."""
     run, model_config, kind, params = load_run(workdir, step)
+    if kind == "reward" and "_data_kind" not in run:
+        log.warning(
+            "%s was trained by an earlier jaxpost that read rewards one token before the end of "
+            "each sequence; transformers reads them at the last token, so its scores of the "
+            "export will differ from the training-time rewards",
+            workdir,
+        )
     tok_dir = tokenizer_dir(run.get("data", {}).get("tokenizer", "byte"))
     extra = {}
     if tok_dir is None:

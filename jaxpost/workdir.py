@@ -95,10 +95,13 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, data_kind: str
     # then read its reward one token early).
     saved_kind = saved.get("_data_kind", data_kind if pipeline.next_token_rows(data_kind) else "")
     if saved_kind != data_kind:
-        problems.append(
-            f"row layout: {saved_kind or 'next-token rows (an earlier jaxpost)'} there, "
-            f"{data_kind} here"
-        )
+        if not saved_kind:
+            raise ValueError(
+                f"{workdir} holds checkpoints of an earlier jaxpost whose rows were next-token "
+                f"rows (a reward model read its reward one token before the end); this run "
+                f"reads {data_kind} rows. Use a new --workdir (init.workdir can start from it)."
+            )
+        problems.append(f"row layout: {saved_kind} there, {data_kind} here")
     saved_procs = saved.get("_process_count", jax.process_count())
     if saved_procs != jax.process_count():
         problems.append(f"process count: {saved_procs} there, {jax.process_count()} here")

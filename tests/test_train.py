@@ -177,6 +177,17 @@ def test_sorting_losses_warn_that_accumulation_is_not_one_large_batch(caplog):
     assert "not the same" not in caplog.text
 
 
+def test_an_evaluation_plan_needs_no_train_batch_layout():
+    from jaxpost import plan as plan_lib
+
+    config = smoke_config(**{"train.global_batch": 12})  # 8 devices do not divide 12
+    assert plan_lib.make_plan(config, training=False).layout is None
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size"):
+        plan_lib.make_plan(config)
+    with pytest.raises(ValueError, match="eval.batch_size=12 is not divisible"):
+        plan_lib.make_plan(smoke_config(**{"eval.batch_size": 12}), training=False)
+
+
 def test_auto_dtype_is_float32_on_cpu_with_float32_master_weights():
     config = smoke_config()
     assert config.model.dtype == "auto" and config.model.param_dtype == "float32"

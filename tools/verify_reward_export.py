@@ -39,7 +39,13 @@ def prepare(directory: str, steps: int) -> None:
 
     config = config_lib.load_config(f"{REPO}/configs/rm.py:smoke")
     config_lib.apply_overrides(
-        config, [f"train.num_steps={steps}", "checkpoint.every_steps=0", "eval.every_steps=0"]
+        config,
+        [
+            f"train.num_steps={steps}",
+            "checkpoint.every_steps=0",
+            "eval.every_steps=0",
+            "model.dtype=float32",  # as transformers checks it, also on an accelerator
+        ],
     )
     run = os.path.join(directory, "run")
     train_lib.train(config, run)
