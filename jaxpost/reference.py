@@ -1,7 +1,8 @@
 """Precomputed reference log-probs for DPO: one pass of the reference model before training.
 
-The result is cached under a key that hashes the reference parameters (bytes), the tokenised
-examples and the sequence length, so a second run, a resumed run or every point of a sweep (with a
+The result is cached under a key that hashes the reference parameters (fingerprints computed on
+device, shard by shard, never gathering a parameter), the tokenised examples and the sequence
+length, so a second run, a resumed run or every point of a sweep (with a
 shared `objective.reference_cache_dir`) reuses it. During training no reference parameters occupy
 device memory: the log-probs travel in the batch as `ref_logps`.
 """
@@ -15,6 +16,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
@@ -25,20 +27,71 @@ from jaxpost.data import pipeline
 log = logging.getLogger("jaxpost")
 
 
-def _host_bytes(x) -> bytes:
-    if not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x)).tobytes()
+# Odd 32-bit constants: one per lane of a parameter fingerprint.
+_LANES = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit avalanche (murmur3's finaliser) on uint32 arrays."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The bit patterns of `x` as uint32 (64-bit values as two uint32 on a trailing axis)."""
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    narrow = {2: jnp.uint16, 1: jnp.uint8}[size]
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """`[4]` uint32: per lane, the wrapping sum over elements of mix(value bits ^ mix(position
+    ^ lane)). Integer sums are exact in any order, so the result does not depend on how `x` is
+    sharded; any single changed or moved element changes every lane."""
+    bits = _bits(x).reshape(-1) if x.ndim == 0 else _bits(x)
+    position = jnp.zeros(bits.shape, jnp.uint32)
+    for axis in range(bits.ndim):  # per-axis coordinates: no flat index to overflow 2^32
+        position = _mix(position ^ jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis))
+    return jnp.stack(
+        [
+            jnp.sum(_mix(bits ^ _mix(position ^ jnp.uint32(lane))), dtype=jnp.uint32)
+            for lane in _LANES
+        ]
+    )
+
+
+def params_fingerprint(params) -> np.ndarray:
+    """`[n_leaves, 4]` uint32 fingerprints of a params pytree, computed where the params live:
+    each device reduces its own shards and only the small sums cross devices and hosts (no
+    parameter is ever gathered), and the same values give the same fingerprint however they are
+    sharded."""
+    leaves = jax.tree.leaves(params)
+    mesh = getattr(getattr(leaves[0], "sharding", None), "mesh", None)
+    out = sharding.replicated(mesh) if isinstance(mesh, jax.sharding.Mesh) else None
+
+    def fingerprints(*xs):
+        return jnp.stack([_leaf_fingerprint(x) for x in xs])
+
+    return np.asarray(jax.jit(fingerprints, out_shardings=out)(*leaves))
 
 
 def cache_key(
     params, examples: list[pipeline.PairExample], *, seq_len: int, extra: str = ""
 ) -> str:
-    """sha256 over (parameter paths, dtypes, bytes), example tokens and masks, settings."""
-    h = hashlib.sha256(f"v1|seq_len={seq_len}|{extra}".encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    """sha256 over (parameter paths, dtypes, shapes, fingerprints), example tokens and masks,
+    settings."""
+    h = hashlib.sha256(f"v2|seq_len={seq_len}|{extra}".encode())
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), fingerprint in zip(flat, params_fingerprint(params), strict=True):
         h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}".encode())
-        h.update(_host_bytes(leaf))  # one tensor at a time on the host
+        h.update(fingerprint.tobytes())
     for ex in examples:
         for seq in (ex.chosen, ex.rejected):
             h.update(seq.ids.tobytes())

@@ -17,7 +17,6 @@ from jaxpost import checkpoint as ckpt
 
 SMOOTH = ["--config.optim.eps=1.0", "--config.optim.lr=0.1", "--config.optim.warmup_steps=0"]
 COMMON = [
-    f"--config={REPO}/configs/sft.py:smoke",
     "--config.train.num_steps=4",
     "--config.checkpoint.every_steps=2",
     "--config.log.every_steps=1",
@@ -78,6 +77,7 @@ def test_two_processes_match_one_process(tmp_path, config):
                     f"--process_id={i}",
                     "--init_timeout=60",
                 ],
+                config=config,
             ),
             env=_env(4),
             stdout=subprocess.PIPE,
@@ -99,6 +99,15 @@ def test_two_processes_match_one_process(tmp_path, config):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         np.testing.assert_allclose(b[step], a[step], rtol=1e-5)
+    if config == "dpo":  # one reference pass each, under the same cache key (same params)
+        names = [sorted(os.listdir(w / "reference_logps")) for w in (single, multi)]
+        assert names[0] == names[1] and len(names[0]) == 2
+        for name in names[0]:
+            np.testing.assert_allclose(
+                np.load(multi / "reference_logps" / name),
+                np.load(single / "reference_logps" / name),
+                rtol=1e-5,
+            )
     pa, pb = ckpt.load_params(str(single)), ckpt.load_params(str(multi))
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
