@@ -273,6 +273,25 @@ def test_parquet_rows_are_records(tmp_path):
     assert len(ex) == 1 and stats.skipped == 1
 
 
+def test_parquet_is_read_row_group_by_row_group_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jaxpost.data import sources
+
+    path = tmp_path / "texts.parquet"
+    rows = [{"text": f"record {i}"} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
+    assert pq.ParquetFile(path).num_row_groups == 4
+    got = list(sources.read_parquet(str(path)))
+    assert [r for r, _ in got] == rows
+    assert [w for _, w in got] == [f"{path}[row {i}]" for i in range(10)]
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    with pytest.raises(records.DataError, match=r"bad.parquet: cannot read as Parquet"):
+        list(sources.read_parquet(str(bad)))
+
+
 def test_array_record_files_are_sources(tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
 

@@ -109,16 +109,23 @@ def read_tfds(spec: str, split: str, data_dir: str) -> Iterator[tuple[dict, str]
 
 
 def read_parquet(pattern: str) -> Iterator[tuple[dict, str]]:
-    """Rows of Parquet files as records (`path[row i]`)."""
-    import pyarrow.parquet as pq
+    """Rows of Parquet files as records (`path[row i]`), one row group in memory at a time."""
+    import pyarrow.parquet as pq  # heavy: only for Parquet sources
 
     for path in expand_paths(pattern):
         try:
-            table = pq.read_table(path)
+            file = pq.ParquetFile(path)
         except Exception as e:  # pyarrow's errors for a corrupt file vary
             raise DataError(f"{path}: cannot read as Parquet ({e})") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield row, f"{path}[row {i}]"
+        i = 0
+        for group in range(file.num_row_groups):
+            try:
+                rows = file.read_row_group(group).to_pylist()
+            except Exception as e:
+                raise DataError(f"{path}: cannot read row group {group} ({e})") from None
+            for row in rows:
+                yield row, f"{path}[row {i}]"
+                i += 1
 
 
 def read_array_record(pattern: str) -> Iterator[tuple[dict, str]]:
