@@ -120,14 +120,7 @@ def _params_path(workdir: str, step: int | None) -> epath.Path:
     return epath.Path(directory) / str(step) / "params"
 
 
-def load_params(workdir: str, step: int | None = None) -> Any:
-    """The params pytree (numpy arrays, host memory) of the latest or given checkpoint.
-
-    Needs only the workdir: no config, mesh or CLI. Place the result on devices with
-    `jax.device_put(params, shardings)` as your program needs; for large models prefer
-    `restore_params`, which reads each device's shard straight into place.
-    """
-    path = _params_path(workdir, step)
+def _metadata_tree(path: epath.Path) -> Any:
     checkpointer = ocp.PyTreeCheckpointer()
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
@@ -136,12 +129,35 @@ def load_params(workdir: str, step: int | None = None) -> Any:
         metadata = checkpointer.metadata(path)
     finally:
         absl_logger.setLevel(level)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+    return metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+
+
+def params_shapes(workdir: str, step: int | None = None) -> Any:
+    """The params pytree of the latest or given checkpoint as `jax.ShapeDtypeStruct`s (no
+    sharding): what it holds, read from its metadata without loading a tensor."""
+    tree = _metadata_tree(_params_path(workdir, step))
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+        tree,
+        is_leaf=lambda m: hasattr(m, "shape"),
+    )
+
+
+def load_params(workdir: str, step: int | None = None) -> Any:
+    """The params pytree (numpy arrays, host memory) of the latest or given checkpoint.
+
+    Needs only the workdir: no config, mesh or CLI. Place the result on devices with
+    `jax.device_put(params, shardings)` as your program needs; for large models prefer
+    `restore_params`, which reads each device's shard straight into place.
+    """
+    path = _params_path(workdir, step)
+    tree = _metadata_tree(path)
     restore_args = jax.tree.map(
         lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
         tree,
         is_leaf=lambda m: hasattr(m, "shape"),
     )
+    checkpointer = ocp.PyTreeCheckpointer()
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 

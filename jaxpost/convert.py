@@ -1,6 +1,7 @@
 """GGUF (llama.cpp) Llama-architecture files -> a Hugging Face directory jaxpost (and
 transformers) can load: dequantised weights, config, and the tokenizer and chat template kept in
-the GGUF metadata. No torch; the `gguf` package reads and dequantises.
+the GGUF metadata. No torch; the `gguf` package reads (memory-mapped) and dequantises, one tensor
+at a time, streamed into (sharded) safetensors.
 
     jaxpost convert --gguf=SmolLM2-135M-Instruct.Q4_1.gguf --out=models/smollm2
 
@@ -17,7 +18,7 @@ import os
 
 import numpy as np
 
-from jaxpost import hf
+from jaxpost import hf, safetensors_io
 
 _TENSORS = {  # GGUF name (blk.{i}.) -> Hugging Face name (model.layers.{i}.)
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -35,6 +36,7 @@ _GLOBAL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+_BLOCK_BYTES = 16 * 2**20  # float32 rows dequantised at once
 _CONTROL = 3  # llama.cpp token types: special (control) tokens, user-defined tokens
 _USER_DEFINED = 4
 
@@ -88,8 +90,36 @@ def _tokenizer_json(tokens, merges, token_types, pre: str):
     return tok
 
 
-def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
-    """Write the Hugging Face directory for a Llama-architecture GGUF file; returns `out`."""
+def _dequantize(gguf, t, shape: tuple[int, ...], heads: int | None, where: str) -> np.ndarray:
+    """GGUF tensor `t` as float32 of `shape`, dequantised a block of rows at a time into the
+    result, so the intermediates stay small. For q/k projections (`heads` given) each block
+    holds whole heads, whose rows are un-permuted in place."""
+    out = np.empty(shape, np.float32)
+    rows = out.reshape(-1, shape[-1])
+    data = t.data.reshape(rows.shape[0], -1)  # one row of raw values or quantised blocks each
+    group = rows.shape[0] // heads if heads else 1
+    step = max(group, _BLOCK_BYTES // max(1, rows[0].nbytes) // group * group)
+    for start in range(0, rows.shape[0], step):
+        try:
+            block = gguf.quants.dequantize(data[start : start + step], t.tensor_type)
+        except NotImplementedError:
+            raise GGUFError(
+                f"{where}: tensor {t.name!r} uses {t.tensor_type.name}, which the gguf package "
+                "cannot dequantise"
+            ) from None
+        block = np.asarray(block, np.float32).reshape(-1, shape[-1])
+        rows[start : start + step] = unpermute_rows(block, len(block) // group) if heads else block
+    return out
+
+
+def convert(
+    gguf_path: str, out: str, *, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30
+) -> str:
+    """Write the Hugging Face directory for a Llama-architecture GGUF file; returns `out`.
+
+    Tensors are dequantised and written one at a time into files of at most `max_shard_bytes`
+    (with `model.safetensors.index.json` when there are several), so memory holds about one
+    float32 tensor, never the model."""
     import gguf
 
     if not os.path.isfile(gguf_path):
@@ -116,7 +146,8 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
         len(reader.tensors),
         n_layers,
     )
-    tensors = {}
+    # Names and shapes first (for the files' headers); the values stream in when written.
+    specs, sources = [], []
     for t in reader.tensors:
         if t.name.startswith("blk."):
             _, i, rest = t.name.split(".", 2)
@@ -129,18 +160,10 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
             raise GGUFError(f"{where}: rope_freqs (Llama 3.1 RoPE scaling in GGUF) is unsupported")
         else:
             raise GGUFError(f"{where}: tensor {t.name!r} has no Llama counterpart")
-        try:
-            value = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        except NotImplementedError:
-            raise GGUFError(
-                f"{where}: tensor {t.name!r} uses {t.tensor_type.name}, which the gguf package "
-                "cannot dequantise"
-            ) from None
-        if name.endswith("q_proj.weight"):
-            value = unpermute_rows(value, heads)
-        elif name.endswith("k_proj.weight"):
-            value = unpermute_rows(value, kv_heads)
-        tensors[name] = value
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest axis first
+        specs.append(safetensors_io.Spec(name, np.dtype(np.float32), shape))
+        permuted = {"q_proj.weight": heads, "k_proj.weight": kv_heads}  # llama.cpp's row order
+        sources.append((t, next((n for k, n in permuted.items() if name.endswith(k)), None)))
     scaling = reader.fields.get("llama.rope.scaling.type")
     if scaling is not None and str(scaling.contents()) not in ("none", ""):
         raise GGUFError(f"{where}: llama.rope.scaling.type={scaling.contents()!r} is unsupported")
@@ -162,7 +185,7 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
         ),
         "rope_theta": rope_theta,
         "max_position_embeddings": int(_field(reader, "llama.context_length", 4096, where=where)),
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "tie_word_embeddings": "lm_head.weight" not in {spec.name for spec in specs},
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": "float32",
@@ -197,9 +220,14 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
         eos_token_id=specials.get("eos"),
         pad_token_id=specials.get("padding"),
     )
-    hf_config, _ = hf.config_from_hf(config, where)  # the same checks as any HF directory
-    with hf.atomic_directory(out) as tmp:
-        hf.write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
+    hf.config_from_hf(config, where)  # the same checks as any HF directory, before writing
+    with safetensors_io.atomic_directory(out) as tmp:
+        metadata = {"format": "pt"}
+        with safetensors_io.ShardedWriter(
+            tmp, specs, max_shard_bytes=max_shard_bytes, metadata=metadata
+        ) as w:
+            for spec, (t, n_heads) in zip(specs, sources, strict=True):
+                w.write(spec.name, _dequantize(gguf, t, spec.shape, n_heads, where))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
@@ -208,5 +236,4 @@ def convert(gguf_path: str, out: str, *, overwrite: bool = False) -> str:
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=2)
         tok.save(os.path.join(tmp, "tokenizer.json"))
-    del hf_config
     return out

@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     export.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: run on every host, as `train --distributed` (process 0 writes)",
+    )
+    export.add_argument("--coordinator", default=None, help="host:port of process 0")
+    export.add_argument("--num_processes", type=int, default=None)
+    export.add_argument("--process_id", type=int, default=None)
+    export.add_argument("--init_timeout", type=int, default=300)
     samp = sub.add_parser("sample", help="generate replies from a run or a Hugging Face model")
     src = samp.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a jaxpost run (its latest checkpoint, or --step)")
@@ -119,6 +128,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.command == "export":
         from jaxpost import serve
 
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator,
+                num_processes=args.num_processes,
+                process_id=args.process_id,
+                initialization_timeout=args.init_timeout,
+            )
         out = serve.export(
             args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite
         )

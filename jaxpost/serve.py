@@ -4,7 +4,9 @@
     jaxpost sample --workdir=runs/sft --prompt "Sort: dcba"      # or --hf_dir=PATH
 
 Both read the run's `config.json` (architecture, objective, tokenizer) and a checkpoint's params
-(the latest, or `--step`).
+(the latest, or `--step`), restored sharded over the devices (never whole on one host); export
+gathers them one Hugging Face tensor at a time. `jaxpost export --distributed` runs on every host
+of a multi-host job.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from jaxpost import checkpoint as ckpt
-from jaxpost import hf, sampling
+from jaxpost import hf, sampling, sharding
 from jaxpost import model as model_lib
+from jaxpost import step as step_lib
 from jaxpost.data import pipeline
 from jaxpost.data.tokenizer import ByteTokenizer
 
@@ -40,15 +45,39 @@ def tokenizer_dir(spec: str) -> str | None:
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[dict, model_lib.Config, str, Any]:
-    """`(run config, model config, kind, numpy params)` of a workdir's checkpoint."""
+def params_target(
+    model_config: model_lib.Config, kind: str, mesh: jax.sharding.Mesh | None = None, like=None
+) -> Any:
+    """A restore target: `kind`'s params as `jax.ShapeDtypeStruct`s with their training
+    shardings over `mesh` (default: every device of every process on the `fsdp` axis), in
+    the dtypes of `like` (a params tree of shapes, e.g. a checkpoint's) where it has the leaf."""
+    if mesh is None:
+        mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    model = model_lib.RewardModel if kind == "reward" else model_lib.Decoder
+    abstract = step_lib.abstract_params(model(model_config), mesh)
+    dtypes = {}
+    if like is not None:
+        dtypes = {p: x.dtype for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, dtypes.get(p, x.dtype), sharding=x.sharding),
+        abstract,
+    )
+
+
+def load_run(
+    workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[dict, model_lib.Config, str, Any]:
+    """`(run config, model config, kind, params)` of a workdir's checkpoint. The params are
+    restored sharded over `mesh` (see `params_target`), each process reading only its own
+    shards: no tensor is whole on one device or host. Every process of a job must call it."""
     run = _run_config(workdir)
     model_config = model_lib.Config(**run["model"])
-    params = ckpt.load_params(workdir, step)
+    saved = ckpt.params_shapes(workdir, step)
     # What the checkpoint holds decides (a reward model's params carry its score head), so
     # workdirs of any jaxpost version export alike.
-    kind = "reward" if "score" in params else "causal_lm"
-    return run, model_config, kind, params
+    kind = "reward" if "score" in saved else "causal_lm"
+    target = params_target(model_config, kind, mesh, like=saved)
+    return run, model_config, kind, ckpt.restore_params(workdir, target, step)
 
 
 def export(
@@ -59,8 +88,16 @@ def export(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Write a run's checkpoint as a Hugging Face directory (tokenizer files copied)."""
+    """Write a run's checkpoint as a Hugging Face directory (tokenizer files copied). The params
+    stay sharded over the devices and are gathered one HF tensor at a time
+    (`hf.save_pretrained`); in a multi-process job every process calls this, process 0 writes."""
     run, model_config, kind, params = load_run(workdir, step)
+    log.info(
+        "exporting %s: params restored over %d devices in %d processes",
+        workdir,
+        len(jax.devices()),
+        jax.process_count(),
+    )
     if kind == "reward" and "_data_kind" not in run:
         log.warning(
             "%s was trained by an earlier jaxpost that read rewards one token before the end of "
@@ -145,7 +182,10 @@ def sample(
         data_config = run.get("data", {})
     else:
         model_config, kind = hf.read_config(hf_dir)
-        params = hf.load_params(hf_dir, model_config, kind) if kind == "causal_lm" else None
+        params = None
+        if kind == "causal_lm":
+            target = params_target(model_config, kind)
+            params = hf.load_params(hf_dir, model_config, kind, target=target)
         data_config = {"tokenizer": hf_dir}
     if kind != "causal_lm":
         raise ValueError("this is a reward model; it scores text but does not generate any")

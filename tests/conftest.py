@@ -8,6 +8,7 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import socket  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -26,3 +27,17 @@ def smoke_config(**overrides):
     config = config_lib.load_config(str(REPO / "configs" / "sft.py") + ":smoke")
     config_lib.apply_overrides(config, [f"{k}={v}" for k, v in overrides.items()])
     return config
+
+
+def free_port() -> int:
+    """A free localhost port for a `jax.distributed` coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int) -> dict:
+    """The environment of a subprocess with `devices` CPU devices (one process of a job)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    return env

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpost import hf, sharding
+from jaxpost import hf, safetensors_io, sharding
 from jaxpost import model as model_lib
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
@@ -110,12 +110,50 @@ def test_export_round_trip_is_lossless(tmp_path, name):
 def test_exported_files_are_standard_safetensors(tmp_path):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     config, params = hf.load_pretrained(str(FIXTURES / "qwen3"))
+    original = hf.Tensors(str(FIXTURES / "qwen3"))
     out = hf.save_pretrained(str(tmp_path / "q"), config, params)
     tensors = safetensors_numpy.load_file(os.path.join(out, "model.safetensors"))
-    original = hf.Tensors(str(FIXTURES / "qwen3"))
     assert set(tensors) == set(original.names())
     for name, value in tensors.items():
         np.testing.assert_array_equal(value, np.asarray(original.get(name)))
+    # Sharded: every file standard, the index naming each tensor's file.
+    out = hf.save_pretrained(str(tmp_path / "s"), config, params, max_shard_bytes=20_000)
+    index = json.loads((pathlib.Path(out) / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    sizes = 0
+    for file in files:
+        for name, value in safetensors_numpy.load_file(os.path.join(out, file)).items():
+            assert index["weight_map"][name] == file
+            np.testing.assert_array_equal(value, np.asarray(original.get(name)))
+            sizes += value.nbytes
+    assert index["metadata"]["total_size"] == sizes
+    assert len(index["weight_map"]) == len(original.names())
+
+
+def test_streaming_writer_checks_order_and_writes_views_in_chunks(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import ml_dtypes
+
+    a = np.arange(40 * 24, dtype=np.float32).reshape(40, 24)
+    b = np.arange(7, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    specs = [
+        safetensors_io.Spec("a", np.dtype(np.float32), (24, 40)),
+        safetensors_io.Spec("b", b.dtype, (7,)),
+    ]
+    path = str(tmp_path / "x.safetensors")
+    # A transposed view written 3 rows (3 x 40 x 4 bytes) at a time.
+    with safetensors_io.SafetensorsWriter(path, specs, chunk_bytes=500) as writer:
+        with pytest.raises(ValueError, match="expected 'a' float32\\[24, 40\\] next"):
+            writer.write("a", a)
+        writer.write("a", a.T)
+        writer.write("b", b)
+    got = safetensors_numpy.load_file(path)
+    np.testing.assert_array_equal(got["a"], a.T)
+    np.testing.assert_array_equal(got["b"], b)
+    with pytest.raises(ValueError, match="1 tensors never written, e.g. b"):
+        with safetensors_io.SafetensorsWriter(path, specs) as writer:
+            writer.write("a", a.T)
 
 
 def test_bfloat16_export_and_config_fields(tmp_path):
@@ -209,7 +247,7 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_partial(tmp_path, monkey
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "write_safetensors", broken)
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", broken)
     with pytest.raises(OSError, match="disk full"):
         hf.save_pretrained(str(tmp_path / "y"), config, params)
     assert sorted(os.listdir(tmp_path)) == ["occupied"]
@@ -297,6 +335,26 @@ def test_gguf_row_permutation_is_inverted(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("block_rows", [3, 20, 1000])
+def test_gguf_tensors_dequantise_in_blocks_of_whole_heads(monkeypatch, block_rows):
+    import types
+
+    import gguf
+
+    from jaxpost import convert
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = np.random.default_rng(0).normal(size=(6 * 8, 64)).astype(np.float32)  # 6 heads, Dh=8
+    stored = gguf.quants.quantize(convert.permute_rows(w, 6), q8)  # as llama.cpp stores q
+    t = types.SimpleNamespace(name="blk.0.attn_q.weight", data=stored, tensor_type=q8)
+    # Blocks of 3 or 20 rows round down to whole heads (8 or 16 rows); 1000 is one block.
+    monkeypatch.setattr(convert, "_BLOCK_BYTES", block_rows * 64 * 4)
+    got = convert._dequantize(gguf, t, (48, 64), 6, "x.gguf")
+    want = convert.unpermute_rows(gguf.quants.dequantize(stored, q8), 6)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, w, atol=0.02)  # Q8_0's rounding, nothing else
+
+
 def test_export_edge_cases(tmp_path):
     import dataclasses
 
@@ -315,7 +373,7 @@ def test_export_edge_cases(tmp_path):
         hf.config_to_hf(dataclasses.replace(config, qk_norm=True, qkv_bias=True))
     # Scalars and a Mistral config without sliding_window (transformers' default is 4096).
     hf.write_safetensors(str(tmp_path / "s.safetensors"), {"s": np.array(3.5, np.float32)})
-    assert float(hf._SafetensorsFile(str(tmp_path / "s.safetensors")).get("s")) == 3.5
+    assert float(safetensors_io.SafetensorsFile(str(tmp_path / "s.safetensors")).get("s")) == 3.5
     cfg = json.loads((FIXTURES / "mistral" / "config.json").read_text())
     del cfg["sliding_window"]
     assert hf.config_from_hf(cfg)[0].sliding_window == 4096

@@ -3,7 +3,6 @@ process with 8 devices, per-process data shares and iterator files; a missing pe
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, cpu_env, free_port
 
 from jaxpost import checkpoint as ckpt
 
@@ -24,18 +23,6 @@ COMMON = [
     "--config.log.tensorboard=false",
     *SMOOTH,
 ]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    return env
 
 
 def _cli(workdir, extra=(), config="sft"):
@@ -61,11 +48,11 @@ def _losses(workdir):
 def test_two_processes_match_one_process(tmp_path, config):
     single = tmp_path / "single"
     subprocess.run(
-        _cli(single, config=config), env=_env(8), check=True, capture_output=True, timeout=300
+        _cli(single, config=config), env=cpu_env(8), check=True, capture_output=True, timeout=300
     )
 
     multi = tmp_path / "multi"
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             _cli(
@@ -79,7 +66,7 @@ def test_two_processes_match_one_process(tmp_path, config):
                 ],
                 config=config,
             ),
-            env=_env(4),
+            env=cpu_env(4),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -120,13 +107,13 @@ def test_a_missing_peer_fails_instead_of_hanging(tmp_path):
             tmp_path,
             [
                 "--distributed",
-                f"--coordinator=127.0.0.1:{_free_port()}",
+                f"--coordinator=127.0.0.1:{free_port()}",
                 "--num_processes=2",
                 "--process_id=0",
                 "--init_timeout=5",
             ],
         ),
-        env=_env(4),
+        env=cpu_env(4),
         capture_output=True,
         text=True,
         timeout=120,

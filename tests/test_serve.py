@@ -1,12 +1,17 @@
 """`jaxpost export` and `jaxpost sample` on real runs: exported directories load back with the
-run's exact weights and logits; sampling prints replies through the chat template."""
+run's exact weights and logits, also when two processes export it; sampling prints replies
+through the chat template."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import cpu_env, free_port
 
 from jaxpost import checkpoint, hf
 from jaxpost import model as model_lib
@@ -90,3 +95,47 @@ def test_sample_from_a_hugging_face_directory_with_its_chat_template(tmp_path):
     assert replies == [tok.decode(ids[0])]
     with pytest.raises(ValueError, match="exactly one of"):
         serve.sample(["x"])
+
+
+@pytest.mark.slow
+def test_two_processes_export_what_one_process_exports(sft_run, tmp_path):
+    """Two processes form one 8-device mesh, so each holds only part of every tensor: export
+    gathers one tensor at a time across them and process 0 writes the same bytes as a
+    one-process export."""
+    one = tmp_path / "one"
+    main(["export", f"--workdir={sft_run}", f"--out={one}"])
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxpost.main",
+        "export",
+        f"--workdir={sft_run}",
+        f"--out={two}",
+        "--distributed",
+        f"--coordinator=127.0.0.1:{free_port()}",
+        "--num_processes=2",
+        "--init_timeout=60",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--process_id={i}"],
+            env=cpu_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert all("over 8 devices in 2 processes" in out for out in outs)
+    files = sorted(os.listdir(one))
+    assert sorted(os.listdir(two)) == files and "model.safetensors" in files
+    for name in files:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # nothing partial left beside
+    _, params = hf.load_pretrained(str(two))
+    trained = checkpoint.load_params(str(sft_run))
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
