@@ -38,19 +38,30 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser(
-        "prepare", help="JSONL/Parquet -> a TFDS ArrayRecord dataset (use as tfds:NAME)"
+        "prepare",
+        help="validate and tokenise records once into a token-level dataset (ArrayRecord shards "
+        "+ manifest) that training opens in time independent of its size",
+        epilog="The tokenizer and chat-template settings come from --config (and its "
+        "--config.data.* overrides), so training with that config accepts the result.",
     )
+    prep.add_argument("--config", required=True, help="the training config (its data section)")
     prep.add_argument(
-        "--input", action="append", required=True, help="JSONL or Parquet file/glob (repeatable)"
+        "--input",
+        action="append",
+        default=[],
+        help="JSONL/Parquet/... file or glob, as in data.train_path (repeatable; default: the "
+        "config's data.train_path)",
     )
-    prep.add_argument("--name", required=True, help="dataset name (lowercase identifier)")
-    prep.add_argument("--data_dir", default="~/tensorflow_datasets")
+    prep.add_argument("--out", required=True, help="directory to create")
     prep.add_argument(
-        "--eval_fraction",
-        type=float,
-        default=0.0,
-        help="hold out this random fraction as split 'eval'",
+        "--eval_fraction", type=float, default=0.0, help="hold out this random fraction as 'eval'"
     )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the eval hold-out")
+    prep.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    prep.add_argument(
+        "--skip_invalid", action="store_true", help="skip and count invalid records (by reason)"
+    )
+    prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     export = sub.add_parser("export", help="a run's checkpoint -> a Hugging Face directory")
     export.add_argument("--workdir", required=True)
     export.add_argument("--out", required=True, help="directory to create")
@@ -105,18 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(rest)
     # Imports after parsing, so `jaxpost --help` is instant.
     if args.command == "data":
-        import os
-
-        from jaxpost.data import prepare
-
-        sizes = prepare.prepare(
-            args.input,
-            args.name,
-            os.path.expanduser(args.data_dir),
-            eval_fraction=args.eval_fraction,
-        )
-        print(f"prepared tfds:{args.name} in {args.data_dir}: {sizes}")
-        return sizes
+        return _prepare(args, overrides)
     if args.command in ("export", "sample", "convert") and overrides:
         raise ValueError(f"jaxpost {args.command} takes no --config overrides")
     if args.command == "convert":
@@ -173,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         return demo.run(args.workdir)
     from jaxpost import config as config_lib
-    from jaxpost import train as train_lib
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
+    from jaxpost import train as train_lib
+
     if args.distributed:
         import jax
 
@@ -195,6 +196,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "done: %s", _before_after(before, after, summary["start_step"], summary["final_step"])
         )
     return summary
+
+
+def _prepare(args, overrides: list[str]) -> dict:
+    from jaxpost import config as config_lib
+    from jaxpost import plan as plan_lib
+    from jaxpost.data import pipeline, prepared
+
+    config = config_lib.load_config(args.config)
+    config_lib.apply_overrides(config, overrides)
+    config = plan_lib.resolve_hf_dir(config)  # the tokenizer training will use
+    inputs = list(args.input)
+    if not inputs:
+        weights = pipeline.parse_mixture(config.data.train_path)
+        if len(weights) > 1:
+            raise ValueError(
+                f"data.train_path={config.data.train_path!r} is a mixture: prepare each component "
+                "(--input) into its own dataset and mix the prepared directories"
+            )
+        inputs = [weights[0][0]]
+    manifest = prepared.prepare(
+        inputs,
+        args.out,
+        dict(config.data),
+        eval_fraction=args.eval_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        skip_invalid=args.skip_invalid,
+        overwrite=args.overwrite,
+    )
+    splits = ", ".join(f"{k}: {v['records']:,} records" for k, v in manifest["splits"].items())
+    print(
+        f"prepared {args.out} ({manifest['kind']}; {splits}; {manifest['skipped']:,} skipped) in "
+        f"{manifest['prepare_seconds']:.1f}s; train with --config.data.train_path={args.out}"
+        + (f" --config.data.eval_path={args.out}/eval" if "eval" in manifest["splits"] else "")
+    )
+    return manifest
 
 
 def _before_after(before: dict, after: dict, start: int, end: int) -> str:

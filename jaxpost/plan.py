@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxpost import checkpoint as ckpt
 from jaxpost import config as config_lib
@@ -185,32 +187,55 @@ def check_eval_batch(config: ml_collections.ConfigDict, mesh) -> None:
         )
 
 
+def exchange(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return [data]
+    sizes = multihost_utils.process_allgather(np.array([len(data)], np.int64)).reshape(-1)
+    buf = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
+    everything = np.asarray(multihost_utils.process_allgather(buf))
+    return [everything[p, : int(sizes[p])].tobytes() for p in range(len(sizes))]
+
+
+def agree_max(value: int) -> int:
+    """The largest `value` over all processes (a collective)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
 def load_data(plan: Plan, *, train: bool = True) -> pipeline.RunData:
-    """Every record read, validated and tokenised now, so bad data stops the run here.
-    `train=False` loads only the eval split."""
+    """The run's data opened and validated now, so bad data stops the run here: raw records
+    are tokenised once to check them (each process a share), a prepared dataset only has its
+    manifest checked. Examples stay on disk and are tokenised again when the pipeline reads
+    them. `train=False` opens only the eval split."""
     config = plan.config
+    settings = pipeline.Settings(plan.objective.data_kind, plan.seq_len, config.data.truncation)
     common = dict(
-        kind=plan.objective.data_kind,
-        seq_len=plan.seq_len,
-        truncation=config.data.truncation,
         skip_invalid=bool(config.data.skip_invalid),
         tfds_data_dir=config.data.tfds_data_dir,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        exchange=exchange,
     )
+    handle = pipeline.TokenizerHandle(config.data, plan.tokenizer)
     data = pipeline.RunData(train=[], weights=[], eval=[])
     if train:
         data.train, data.weights, data.train_stats = pipeline.load_mixture(
-            config.data.train_path, "train", plan.tokenizer, **common
+            config.data.train_path, "train", handle, settings, **common
         )
         log.info("train data %s: %s", config.data.train_path, data.train_stats.summary())
     if config.data.eval_path:
         eval_sources, _, data.eval_stats = pipeline.load_mixture(
             config.data.eval_path,
             "eval",
-            plan.tokenizer,
+            handle,
+            settings,
             max_examples=int(config.data.max_eval_examples),
             **common,
         )
-        data.eval = [ex for source in eval_sources for ex in source]
+        data.eval = eval_sources[0] if len(eval_sources) == 1 else pipeline.Concat(eval_sources)
         log.info("eval data %s: %s", config.data.eval_path, data.eval_stats.summary())
     return data
 
@@ -243,6 +268,7 @@ def eval_batches(plan: Plan, examples: list) -> list:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         kind=plan.objective.data_kind,
+        agree_max=agree_max,
         **plan.packing,
     )
 

@@ -82,52 +82,151 @@ def params_fingerprint(params) -> np.ndarray:
     return np.asarray(jax.jit(fingerprints, out_shardings=out)(*leaves))
 
 
-def cache_key(
-    params, examples: list[pipeline.PairExample], *, seq_len: int, extra: str = ""
-) -> str:
-    """sha256 over (parameter paths, dtypes, shapes, fingerprints), example tokens and masks,
-    settings."""
-    h = hashlib.sha256(f"v2|seq_len={seq_len}|{extra}".encode())
+def examples_digest(examples) -> str:
+    """What the examples are: their own digest (`examples.scan_examples`, prepared datasets:
+    computed without reading them again), else a hash of every token (small lists)."""
+    digest = getattr(examples, "digest", "")
+    if digest:
+        return digest
+    h = hashlib.sha256(f"n={len(examples)}".encode())
+    for ex in examples:
+        for seq in (ex.chosen, ex.rejected):
+            h.update(np.asarray(seq.ids, np.int32).tobytes())
+            h.update(np.asarray(seq.mask, np.int32).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def cache_key(params, examples, *, seq_len: int, extra: str = "") -> str:
+    """sha256 over (parameter paths, dtypes, shapes, fingerprints), the examples' digest,
+    settings. Nothing is gathered: the fingerprints are reduced on device."""
+    h = hashlib.sha256(f"v3|seq_len={seq_len}|{extra}".encode())
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, leaf), fingerprint in zip(flat, params_fingerprint(params), strict=True):
         h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}".encode())
         h.update(fingerprint.tobytes())
-    for ex in examples:
-        for seq in (ex.chosen, ex.rejected):
-            h.update(seq.ids.tobytes())
-            h.update(seq.mask.tobytes())
-            h.update(b"|")
+    h.update(examples_digest(examples).encode())
     return h.hexdigest()[:32]
 
 
-def compute(logps_fn, params, examples, *, seq_len: int, batch_size: int, mesh) -> np.ndarray:
+def _local_rows(*arrays: jax.Array) -> list[np.ndarray]:
+    """This process's rows of `[1, B, ...]` batch-sharded arrays (each row once)."""
+    out = []
+    for arr in arrays:
+        seen, parts = set(), []
+        for shard in arr.addressable_shards:
+            start = shard.index[1].start or 0
+            if start not in seen:
+                seen.add(start)
+                parts.append((start, np.asarray(shard.data)[0]))
+        out.append(np.concatenate([p for _, p in sorted(parts, key=lambda x: x[0])]))
+    return out
+
+
+def _chunk_done(parts: epath.Path, chunk: int, processes: int) -> bool:
+    return all((parts / f"c{chunk:06d}-p{p:04d}.npz").exists() for p in range(processes))
+
+
+def compute(
+    logps_fn,
+    params,
+    examples,
+    *,
+    seq_len: int,
+    batch_size: int,
+    mesh,
+    parts_dir: str | None = None,
+    what: str = "",
+) -> np.ndarray:
     """`[N, 2]` float32 reference log-probs (chosen, rejected) of `examples`, in order.
 
-    `logps_fn(params, batch)` maps a `[1, B, 2, L]` batch to `[1, B, 2]` log-probs. Each row
-    carries its example index through the computation, so the result is put back in order
-    however the mesh lays processes' rows out; every process gets the whole result.
+    `logps_fn(params, batch)` maps a `[1, B, 2, L]` batch to `[1, B, 2]` log-probs. Batches
+    stream from `examples` (each process builds only its rows); every row carries its example
+    index, so results land in place however the mesh lays rows out. With `parts_dir`, each
+    process writes its results every chunk of batches as it goes, and a pass that was
+    interrupted continues after the last chunk all processes finished.
     """
-    batches = pipeline.make_eval_batches(
-        examples,
-        seq_len=seq_len,
-        micro_batch=batch_size // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        with_index=True,
-    )
+    P, pid = jax.process_count(), jax.process_index()
+    micro = batch_size // P
+    n = len(examples)
+    n_batches = pipeline.eval_batch_count(n, micro, P)
+    per_chunk = max(1, -(-n_batches // 100))
+    n_chunks = -(-n_batches // per_chunk)
+    parts = epath.Path(parts_dir) if parts_dir else None
+    done = np.zeros(n_chunks, np.int32)
+    if parts is not None:
+        if pid == 0:
+            parts.mkdir(parents=True, exist_ok=True)
+            done[:] = [_chunk_done(parts, c, P) for c in range(n_chunks)]
+        if P > 1:
+            done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+        if done.any():
+            log.info(
+                "reference log-probs (%s): resuming, %d of %d chunks already done",
+                what,
+                int(done.sum()),
+                n_chunks,
+            )
     batch_sharding = sharding.batch_sharding(mesh)
 
     def fn(p, batch):
         return logps_fn(p, batch), batch["example_index"]
 
     fn = jax.jit(fn, out_shardings=(batch_sharding, batch_sharding))
-    out = np.full((len(examples), 2), np.nan, np.float32)
-    for b in batches:
-        logps, index = fn(params, sharding.to_global(b, mesh))
-        logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True))[0]
-        index = np.asarray(multihost_utils.process_allgather(index, tiled=True))[0]
-        real = index >= 0
-        out[index[real]] = logps[real]
+    template = pipeline.to_row(examples[0], seq_len)
+    out = np.full((n, 2), np.nan, np.float32)
+    t0, rows_done, last_log = time.perf_counter(), 0, time.perf_counter()
+    for c in range(n_chunks):
+        if done[c]:
+            continue
+        got_index, got_logps = [], []
+        for b in range(c * per_chunk, min(n_batches, (c + 1) * per_chunk)):
+            batch = pipeline.eval_batch(
+                examples,
+                b,
+                seq_len=seq_len,
+                micro_batch=micro,
+                process_index=pid,
+                process_count=P,
+                with_index=True,
+                template=template,
+            )
+            logps, index = _local_rows(*fn(params, sharding.to_global(batch, mesh)))
+            real = index >= 0
+            got_index.append(index[real])
+            got_logps.append(logps[real])
+        index, logps = np.concatenate(got_index), np.concatenate(got_logps)
+        out[index] = logps
+        if parts is not None:
+            path = parts / f"c{c:06d}-p{pid:04d}.npz"
+            tmp = parts / f".{path.name}.tmp{os.getpid()}"
+            with tmp.open("wb") as f:
+                np.savez(f, index=index, logps=logps)
+            tmp.replace(path)
+        rows_done += min(n, (c + 1) * per_chunk * batch_size) - c * per_chunk * batch_size
+        now = time.perf_counter()
+        if now - last_log > 30 or c == n_chunks - 1:
+            rate = rows_done / (now - t0)
+            remaining = int((n_chunks - 1 - c) * per_chunk * batch_size / max(rate, 1e-9))
+            log.info(
+                "reference log-probs (%s): chunk %d/%d, %.0f pairs/s, ETA %ds",
+                what,
+                c + 1,
+                n_chunks,
+                rate,
+                remaining,
+            )
+            last_log = now
+    if parts is not None:  # the whole result from every process's parts (this run's and before)
+        if P > 1:
+            multihost_utils.sync_global_devices("jaxpost reference parts written")
+        for c in range(n_chunks):
+            for p in range(P):
+                with (parts / f"c{c:06d}-p{p:04d}.npz").open("rb") as f:
+                    saved = np.load(f)
+                    out[saved["index"]] = saved["logps"]
+    elif P > 1:
+        raise ValueError("a multi-process reference pass needs parts_dir (a shared directory)")
     if np.isnan(out).any():
         raise RuntimeError("reference pass left some examples without log-probs")
     return out
@@ -148,58 +247,72 @@ def precompute(
     `cache_dir` when a run with the same reference params, examples and settings (`extra`)
     computed them before, else computed with `logps_fn` (see `compute`) and saved there.
 
-    The train mixture's components are hashed and computed as one list (one cache file)."""
-    sizes = [len(source) for source in data.train]
-    splits = {"train": [ex for source in data.train for ex in source], "eval": list(data.eval)}
-    for name, examples in splits.items():
-        if not examples:
+    The train mixture's components are keyed and computed as one sequence (one cache file)."""
+    train = pipeline.Concat(data.train)
+    splits = {"train": train, "eval": data.eval}
+    for name, examples in list(splits.items()):
+        if not len(examples):
             continue
         key = cache_key(params, examples, seq_len=seq_len, extra=extra)
         logps = load_or_compute(
             cache_dir,
             key,
             what=name,
-            compute_fn=lambda ex=examples: compute(
-                logps_fn, params, ex, seq_len=seq_len, batch_size=batch_size, mesh=mesh
+            compute_fn=lambda parts, ex=examples, name=name: compute(
+                logps_fn,
+                params,
+                ex,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                mesh=mesh,
+                parts_dir=parts,
+                what=name,
             ),
         )
         splits[name] = attach(examples, logps)
-    train, start = [], 0
-    for n in sizes:
-        train.append(splits["train"][start : start + n])
-        start += n
-    return dataclasses.replace(data, train=train, eval=splits["eval"])
+    return dataclasses.replace(data, train=splits["train"].parts, eval=splits["eval"])
 
 
-def attach(examples, logps: np.ndarray) -> list[pipeline.PairExample]:
+def attach(examples, logps: np.ndarray):
+    """`examples` with `ref_logps` attached (lists get new examples; sources a view)."""
     if len(logps) != len(examples):
         raise ValueError(f"{len(logps)} reference log-probs for {len(examples)} examples")
+    if hasattr(examples, "with_ref_logps"):
+        return examples.with_ref_logps(logps)
     return [dataclasses.replace(ex, ref_logps=lp) for ex, lp in zip(examples, logps, strict=True)]
 
 
 def load_or_compute(cache_dir: str, key: str, compute_fn, *, what: str) -> np.ndarray:
-    """Read `cache_dir/key.npy`, or compute and write it (atomically, from process 0).
+    """Read `cache_dir/key.npy` (memory-mapped when local), or compute it and write it
+    (atomically, from process 0). `compute_fn(parts_dir)` may keep partial results in
+    `parts_dir` (so an interrupted pass resumes), removed once the file is written.
 
     Process 0 decides whether the file exists and tells the others, so all processes take the
     same branch (the compute is a collective: one process alone would hang).
     """
     path = epath.Path(cache_dir) / f"{key}.npy"
+    parts = epath.Path(cache_dir) / f"{key}.parts-{jax.process_count()}p"
     exists = path.exists()
     if jax.process_count() > 1:
         exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
     if exists:
-        with path.open("rb") as f:
-            logps = np.load(f)
+        logps = _load(path)
         log.info("reference log-probs (%s): reused %s", what, path)
         return logps
     t0 = time.perf_counter()
-    logps = compute_fn()
+    logps = compute_fn(str(parts))
+    if jax.process_count() > 1:  # every process has read the parts
+        multihost_utils.sync_global_devices("jaxpost reference parts read")
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{key}.npy.tmp{os.getpid()}"
         with tmp.open("wb") as f:
             np.save(f, logps)
         tmp.replace(path)  # atomic: a reader never sees a partial file
+        if parts.exists():
+            parts.rmtree()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxpost reference cache written")
     log.info(
         "reference log-probs (%s): %d pairs in %.1fs, saved to %s",
         what,
@@ -208,3 +321,10 @@ def load_or_compute(cache_dir: str, key: str, compute_fn, *, what: str) -> np.nd
         path,
     )
     return logps
+
+
+def _load(path: epath.Path) -> np.ndarray:
+    if "://" not in str(path):
+        return np.load(os.fspath(path), mmap_mode="r")
+    with path.open("rb") as f:
+        return np.load(f)

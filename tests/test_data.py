@@ -188,7 +188,10 @@ def test_mixtures_draw_in_proportion_and_parse_strictly(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"b{i}"}) for i in range(5)) + "\n")
     sources, weights, stats = pipeline.load_mixture(
-        f"builtin:sort@3,{path}@1", "train", TOK, seq_len=32
+        f"builtin:sort@3,{path}@1",
+        "train",
+        pipeline.TokenizerHandle({"tokenizer": "byte"}, TOK),
+        pipeline.Settings("sft", 32),
     )
     assert [len(s) for s in sources] == [4000, 5] and weights == [3.0, 1.0]
     assert stats.records == 4005
@@ -214,41 +217,121 @@ def test_sliced_splits_partition_one_file(tmp_path):
         pipeline.load_examples(f"{path}[90%:]", "eval", TOK, seq_len=16)
 
 
-def test_prepare_makes_a_tfds_dataset_that_reads_back_identically(tmp_path):
-    from jaxpost.data import prepare
+def _tfds_json_dataset(name: str, data_dir: str, rows: dict[str, list[tuple[str, str]]]):
+    """A TFDS dataset of JSON records and their origin, in ArrayRecord files."""
+    import tensorflow_datasets as tfds
 
-    path = tmp_path / "chat.jsonl"
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"q{i}"},
-                {"role": "assistant", "content": f"a{i}"},
-            ]
-        }
-        for i in range(20)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    class _Builder(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict(
+                    {"record": tfds.features.Text(), "where": tfds.features.Text()}
+                ),
+                disable_shuffling=True,
+            )
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(r) for split, r in rows.items()}
+
+        def _generate_examples(self, split_rows):
+            for i, (text, where) in enumerate(split_rows):
+                yield i, {"record": text, "where": where}
+
+    # tfds looks for metadata next to the builder's module, which must be in a real package.
+    builder = type(name, (_Builder,), {"name": name, "__module__": "jaxpost.data.sources"})
+    builder(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+def test_tfds_sources_read_json_records_with_their_origin(tmp_path):
+    rows = [(json.dumps({"text": f"t{i}"}), f"orig.jsonl:{i + 1}") for i in range(6)]
     data_dir = str(tmp_path / "tfds")
-    sizes = prepare.prepare([str(path)], "chat_test", data_dir, eval_fraction=0.25)
-    assert sizes == {"train": 15, "eval": 5}
+    _tfds_json_dataset("chat_test", data_dir, {"train": rows[:4], "eval": rows[4:]})
     train, _ = pipeline.load_examples(
         "tfds:chat_test", "train", TOK, seq_len=32, tfds_data_dir=data_dir
     )
     held, _ = pipeline.load_examples(
         "tfds:chat_test", "eval", TOK, seq_len=32, tfds_data_dir=data_dir
     )
-    direct, _ = pipeline.load_examples(str(path), "train", TOK, seq_len=32)
-    got = sorted(TOK.decode(e.ids) for e in train + held)
-    assert got == sorted(TOK.decode(e.ids) for e in direct)
-    # Records keep their origin, so later errors still name the JSONL line.
-    first = next(sources.read_records("tfds:chat_test:train", "x", tfds_data_dir=data_dir))
-    assert first[1].startswith(f"{path}:")
+    assert [TOK.decode(e.ids) for e in train + held] == [f"t{i}" for i in range(6)]
+    first = sources.open_records("tfds:chat_test:eval", "x", tfds_data_dir=data_dir)[1]
+    assert first == ({"text": "t5"}, "orig.jsonl:6")
     with pytest.raises(FileNotFoundError, match="Cannot open TFDS dataset 'nope'"):
-        list(sources.read_records("tfds:nope", "train", tfds_data_dir=data_dir))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n[1]\n')
-    with pytest.raises(records.DataError, match=r"bad.jsonl:2: expected a JSON object"):
-        prepare.prepare([str(bad)], "bad_test", data_dir)
+        sources.open_records("tfds:nope", "train", tfds_data_dir=data_dir)
+
+
+def test_jsonl_index_finds_every_record_line_across_read_chunks(tmp_path, monkeypatch):
+    """Blank and whitespace-only lines are skipped, CRLF and a last line without a newline are
+    records, line numbers are the file's; the same with an index read 3 bytes at a time."""
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n  \t \n{"a": 2}\r\n   {"a": "\xc3\xa9"}\n\n{"a": 4}')
+    want = [({"a": 1}, 1), ({"a": 2}, 4), ({"a": "\u00e9"}, 5), ({"a": 4}, 7)]
+    for chunk in (1 << 20, 3, 1):
+        monkeypatch.setattr(sources, "_INDEX_CHUNK", chunk)
+        source = sources.JsonlSource(str(path))
+        got = [(r, int(w.rsplit(":", 1)[1])) for r, w in source]
+        assert got == want, chunk
+    assert source[-1] == ({"a": 4}, f"{path}:7")
+
+
+def test_process_shares_of_a_scan_combine_into_the_single_process_result(tmp_path):
+    """Each of n processes validates records i, i+n, ...; combined, their shares give the same
+    kept examples, stats and digest as one process, and an invalid record found by another
+    process stops every process with its file:line."""
+    from jaxpost.data import examples as ex_lib
+
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"text": "x" * (i % 7 + 1)}) for i in range(23)]
+    lines[5] = json.dumps({"nope": 1})
+    path.write_text("\n".join(lines) + "\n")
+    opened = sources.open_records(str(path), "train")
+    handle = pipeline.TokenizerHandle({"tokenizer": "byte"}, TOK)
+    settings = pipeline.Settings("sft", 6, "drop")
+    one, one_stats = ex_lib.scan_examples(opened, handle, settings, skip_invalid=True)
+    for n in (2, 3):
+        parts = [
+            ex_lib.encode_scan(
+                ex_lib.scan(opened, handle, settings, range(i, 23, n), skip_invalid=True), i, n
+            )
+            for i in range(n)
+        ]
+        got, stats = ex_lib.scan_examples(
+            opened,
+            handle,
+            settings,
+            skip_invalid=True,
+            process_index=0,
+            process_count=n,
+            exchange=lambda mine, parts=parts: [mine, *parts[1:]],
+        )
+        np.testing.assert_array_equal(got.indices, one.indices)
+        assert got.digest == one.digest and stats == one_stats
+    # "x" * (i % 7 + 1) plus BOS and EOS exceeds seq_len + 1 = 7 for i % 7 in (5, 6): records
+    # 6, 12, 13, 19, 20 (record 5 is the invalid one).
+    assert one_stats.skipped == 1 and one_stats.dropped == 5
+    assert [len(e.ids) for e in one] == [
+        len(e.ids)
+        for e in pipeline.load_examples(
+            str(path), "train", TOK, seq_len=6, truncation="drop", skip_invalid=True
+        )[0]
+    ]
+    parts = [
+        ex_lib.encode_scan(
+            ex_lib.scan(opened, handle, settings, range(i, 23, 2), skip_invalid=False), i, 2
+        )
+        for i in range(2)
+    ]
+    with pytest.raises(records.DataError, match=r"process 1\) .*mixed.jsonl:6: record matches"):
+        ex_lib.scan_examples(
+            opened,
+            handle,
+            settings,
+            skip_invalid=False,
+            process_index=0,
+            process_count=2,
+            exchange=lambda mine: [mine, parts[1]],
+        )
 
 
 def test_parquet_rows_are_records(tmp_path):

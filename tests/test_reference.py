@@ -61,3 +61,60 @@ def test_fingerprints_do_not_depend_on_the_layout_and_see_every_bit():
     assert key == reference.cache_key(spread, [], seq_len=32)
     assert key != reference.cache_key(half, [], seq_len=32)
     assert key != reference.cache_key(params, [], seq_len=64)
+
+
+def _toy_logps(params, batch):
+    """`[1, B, 2]` "log-probs" that depend on each row's tokens (no model to compile)."""
+    rows = (batch["inputs"] * batch["loss_mask"]).astype(
+        jnp.float32
+    )  # [1, B, 2, L]: ids[t] * mask[t+1]
+    return rows.sum(-1) * params["scale"]
+
+
+def test_an_interrupted_reference_pass_resumes_after_its_last_chunk(tmp_path, monkeypatch):
+    """Each chunk of batches is saved as it finishes; a pass stopped in the middle continues with
+    the chunks not saved, and its result equals an uninterrupted pass, example for example."""
+    from jaxpost.data import pipeline
+    from jaxpost.data.tokenizer import ByteTokenizer
+
+    examples, _ = pipeline.load_examples(
+        "builtin:sort_prefs[:44]", "train", ByteTokenizer(), kind="pairs", seq_len=16
+    )
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    params = {"scale": jnp.float32(0.5)}
+    kw = dict(seq_len=16, batch_size=8, mesh=mesh)
+    want = reference.compute(_toy_logps, params, examples, **kw)  # 6 batches, the last padded
+    hand = [
+        [0.5 * float((s.ids[:-1] * s.mask[1:]).sum()) for s in (ex.chosen, ex.rejected)]
+        for ex in examples
+    ]
+    np.testing.assert_array_equal(want, np.asarray(hand, np.float32))
+
+    built = []
+    real_batch = pipeline.eval_batch
+
+    def counting(examples, b, **kwargs):
+        built.append(b)
+        if len(built) == 4:
+            raise KeyboardInterrupt  # stopped while building batch 3
+        return real_batch(examples, b, **kwargs)
+
+    monkeypatch.setattr(pipeline, "eval_batch", counting)
+    parts = str(tmp_path / "parts")
+    try:
+        reference.compute(_toy_logps, params, examples, parts_dir=parts, **kw)
+    except KeyboardInterrupt:
+        pass
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [
+        f"c{c:06d}-p0000.npz" for c in range(3)
+    ]
+    built.clear()
+
+    def recording(examples, b, **kwargs):
+        built.append(b)
+        return real_batch(examples, b, **kwargs)
+
+    monkeypatch.setattr(pipeline, "eval_batch", recording)
+    got = reference.compute(_toy_logps, params, examples, parts_dir=parts, **kw)
+    assert built == [3, 4, 5]  # only the chunks not saved before
+    np.testing.assert_array_equal(got, want)

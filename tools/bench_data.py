@@ -5,7 +5,9 @@
 Reports tokens/s twice: real (non-padding) tokens, and row slots (batch x seq) -- the second is
 what a train step consumes. Compare with `tools/bench.py` on the same model and shapes: the
 pipeline must produce well over 10x what the step eats, so it never starves the step.
-Startup (reading, validating, tokenising every record) is timed separately.
+Startup (opening the source: validating every raw record, or reading a prepared dataset's
+manifest and index) is timed separately; examples are tokenised (raw) or decoded (prepared) in
+the pipeline, so both are in the tokens/s.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from jaxpost.data.tokenizer import ByteTokenizer
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="builtin:sort", help="JSONL path/glob or builtin:NAME")
+    parser.add_argument(
+        "--data",
+        default="builtin:sort",
+        help="JSONL path/glob, builtin:NAME or a prepared dataset directory",
+    )
     parser.add_argument("--kind", default="sft", choices=pipeline.KINDS)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
@@ -32,8 +38,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    examples, stats = pipeline.load_examples(
-        args.data, "train", ByteTokenizer(), kind=args.kind, seq_len=args.seq
+    examples, stats = pipeline.open_examples(
+        args.data,
+        "train",
+        pipeline.TokenizerHandle({"tokenizer": "byte"}, ByteTokenizer()),
+        pipeline.Settings(args.kind, args.seq),
     )
     startup = time.perf_counter() - t0
     it = pipeline.make_train_iterator(

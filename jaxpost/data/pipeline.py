@@ -1,61 +1,48 @@
-"""The grain pipeline: validated, tokenised examples -> fixed-shape numpy batches.
+"""The grain pipeline: tokenised examples -> fixed-shape numpy batches.
 
-Every record is read and tokenised once at startup, so a malformed record stops the run before
-anything is compiled. Batches are dicts of int32 arrays shaped `[accum_steps, micro_batch, L]`
-(per process); `L = seq_len` is fixed so the train step compiles once.
+A data spec opens as random-access examples (`jaxpost.data.examples`: raw records tokenised when
+read; `jaxpost.data.prepared`: token-level datasets from `jaxpost data prepare`). Raw records
+are validated first -- each process a share -- so a malformed record stops the run before
+anything is compiled; a prepared dataset needs no pass at all. Batches are dicts of int32 arrays
+shaped `[accum_steps, micro_batch, L]` (per process); `L = seq_len` is fixed so the train step
+compiles once.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
-import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
 
-from jaxpost.data import records as records_lib
-from jaxpost.data import sources
-from jaxpost.data.chat_template import MASK_METHODS
-from jaxpost.data.tokenizer import load_tokenizer
+from jaxpost.data import examples as ex_lib
+from jaxpost.data import prepared, sources
+from jaxpost.data.examples import (  # noqa: F401  (re-exported: the pipeline's vocabulary)
+    KINDS,
+    TRUNCATIONS,
+    DataStats,
+    Example,
+    PairExample,
+    Settings,
+    TokenizerHandle,
+    is_pairs,
+    make_tokenizer,
+    next_token_rows,
+)
+
+log = logging.getLogger("jaxpost")
 
 SFT_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-TRUNCATIONS = ("keep_start", "keep_end", "drop")
 PACKINGS = ("none", "first_fit", "best_fit")
 _SEQ_FEATURES = ("inputs", "targets", "loss_mask")
-
-
-@dataclasses.dataclass
-class Example:
-    ids: np.ndarray  # int32 [n]
-    mask: np.ndarray  # int32 [n]; 1 = token is a training target
-
-
-@dataclasses.dataclass
-class PairExample:
-    """A preference pair; both sequences are prompt + completion."""
-
-    chosen: Example
-    rejected: Example
-    ref_logps: np.ndarray | None = None  # float32 [2], when reference log-probs are precomputed
-
-
-# What rows an objective reads: "sft" (single sequences), "pairs" (preference pairs for
-# log-prob objectives) -- both as next-token `inputs`/`targets` (`inputs = ids[:-1]`) -- and
-# "reward_pairs": preference pairs of whole sequences (`inputs = ids`, no targets), so a reward
-# model reads each sequence at its own last token, as transformers' sequence classifiers do.
-KINDS = ("sft", "pairs", "reward_pairs")
-
-
-def is_pairs(kind: str) -> bool:
-    return kind in ("pairs", "reward_pairs")
-
-
-def next_token_rows(kind: str) -> bool:
-    """Whether rows of `kind` hold next-token `inputs`/`targets` (else whole sequences)."""
-    return kind != "reward_pairs"
+# A raw source this large is validated at every start; `jaxpost data prepare` does it once.
+LARGE_RAW_SOURCE = 200_000
 
 
 def _row_keys(shift: bool) -> tuple[str, ...]:
@@ -63,36 +50,13 @@ def _row_keys(shift: bool) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass
-class DataStats:
-    records: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    skipped: int = 0  # invalid records skipped under data.skip_invalid
-    target_tokens: int = 0
-    skip_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def summary(self) -> str:
-        text = (
-            f"{self.records} records, {self.truncated} truncated, {self.dropped} dropped as too "
-            f"long, {self.skipped} invalid skipped, {self.target_tokens} target tokens"
-        )
-        if self.skip_reasons:
-            text += (
-                " (skipped: "
-                + "; ".join(f"{n} x {r}" for r, n in sorted(self.skip_reasons.items()))
-                + ")"
-            )
-        return text
-
-
-@dataclasses.dataclass
 class RunData:
-    """What a run trains and evaluates on, loaded: one example list per train mixture component
-    with its weight, the eval examples, and what loading counted."""
+    """What a run trains and evaluates on: one random-access example source per train mixture
+    component with its weight, the eval examples, and what loading counted."""
 
-    train: list[list]
+    train: list
     weights: list[float]
-    eval: list
+    eval: Sequence
     train_stats: DataStats | None = None
     eval_stats: DataStats | None = None
 
@@ -106,59 +70,56 @@ def _absl_flags_ready() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_tokenizer(data_config: Mapping[str, Any]):
-    """The tokenizer `config.data.tokenizer` names: "byte" or a tokenizer directory/file, with
-    `data.assistant_mask` and `data.chat_template_kwargs` applied to its chat template."""
-    method = data_config.get("assistant_mask", "auto")
-    if method not in MASK_METHODS:
-        raise ValueError(f"config.data.assistant_mask={method!r} is not one of {MASK_METHODS}")
-    raw = data_config.get("chat_template_kwargs", "") or "{}"
-    try:
-        kwargs = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"config.data.chat_template_kwargs={raw!r} is not valid JSON ({e.msg})"
-        ) from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"config.data.chat_template_kwargs={raw!r} must be a JSON object")
-    tok = load_tokenizer(data_config["tokenizer"] or "byte")
-    if hasattr(tok, "chat_template"):
-        tok.mask_method = method
-        tok.template_kwargs = kwargs
-    elif method != "auto" or kwargs:
-        raise ValueError(
-            "config.data.assistant_mask and config.data.chat_template_kwargs apply to Hugging "
-            "Face chat templates; the built-in byte tokenizer has its own chat format"
+def open_examples(
+    spec: str,
+    split: str,
+    tokenizer: TokenizerHandle,
+    settings: Settings,
+    *,
+    skip_invalid: bool = False,
+    max_examples: int = 0,
+    tfds_data_dir: str = sources.DEFAULT_TFDS_DIR,
+    process_index: int = 0,
+    process_count: int = 1,
+    exchange: Callable[[bytes], list[bytes]] | None = None,
+):
+    """The examples of one data spec (random access, tokenised when read) and their stats.
+
+    A prepared dataset (`jaxpost data prepare`) opens from its manifest and index. Raw records
+    are validated first, process `i` of `n` taking records i, i+n, ... (`exchange` combines the
+    shares); an invalid record raises DataError naming its file:line, or with `skip_invalid` is
+    skipped and counted by reason.
+    """
+    if prepared.is_prepared(spec) or os.path.isdir(os.path.expanduser(spec)):
+        examples, stats = prepared.open_examples(spec, split, settings, tokenizer.settings)
+        if max_examples and len(examples) > max_examples:
+            examples.indices = examples.indices[:max_examples]
+    else:
+        records = sources.open_records(spec, split, tfds_data_dir=tfds_data_dir)
+        if len(records) > LARGE_RAW_SOURCE and not max_examples:
+            log.warning(
+                "%s holds %d records: every start validates all of them. Run `jaxpost data "
+                "prepare` once and train from its output, which starts in time independent of "
+                "the data's size.",
+                spec,
+                len(records),
+            )
+        examples, stats = ex_lib.scan_examples(
+            records,
+            tokenizer,
+            settings,
+            skip_invalid=skip_invalid,
+            max_examples=max_examples,
+            process_index=process_index,
+            process_count=process_count,
+            exchange=exchange,
         )
-    return tok
-
-
-def _fit_length(ex: Example, limit: int, truncation: str) -> Example | None:
-    if len(ex.ids) <= limit:
-        return ex
-    if truncation == "drop":
-        return None
-    keep = slice(None, limit) if truncation == "keep_start" else slice(-limit, None)
-    ex = Example(ex.ids[keep], ex.mask[keep])
-    return ex if ex.mask[1:].any() else None
-
-
-def _fit_pair(prompt, chosen, rejected, limit: int, truncation: str):
-    out = []
-    for ids, mask in (chosen, rejected):
-        ex = Example(
-            np.asarray(prompt + ids, np.int32), np.asarray([0] * len(prompt) + mask, np.int32)
+    if not len(examples):
+        raise ValueError(
+            f"Dataset {spec!r} ({split}) has no usable examples ({stats.summary()}); check the "
+            f"data, data.seq_len={settings.seq_len} and data.truncation."
         )
-        out.append(_fit_length(ex, limit, truncation))
-    if out[0] is None or out[1] is None:
-        return None
-    return PairExample(out[0], out[1])
-
-
-def _target_tokens(ex) -> int:
-    if isinstance(ex, PairExample):
-        return _target_tokens(ex.chosen) + _target_tokens(ex.rejected)
-    return int(ex.mask[1:].sum())
+    return examples, stats
 
 
 def load_examples(
@@ -173,55 +134,61 @@ def load_examples(
     skip_invalid: bool = False,
     tfds_data_dir: str = sources.DEFAULT_TFDS_DIR,
 ) -> tuple[list, DataStats]:
-    """Read, validate and tokenise every record of `spec`.
+    """Every example of `spec` tokenised into a list (for small data and tests; runs use
+    `open_examples`). `kind="sft"` gives `Example`s, the pair kinds give `PairExample`s."""
+    handle = tokenizer if isinstance(tokenizer, TokenizerHandle) else _handle(tokenizer)
+    examples, stats = open_examples(
+        spec,
+        split,
+        handle,
+        Settings(kind, seq_len, truncation),
+        skip_invalid=skip_invalid,
+        max_examples=max_examples,
+        tfds_data_dir=tfds_data_dir,
+    )
+    return list(examples), stats
 
-    `kind="sft"` gives `Example`s, the pair kinds give `PairExample`s. An example fits a row of
-    `seq_len` when it has at most `seq_len + 1` tokens (next-token rows drop one), or `seq_len`
-    tokens for "reward_pairs" (whole sequences). A bad record raises DataError naming its
-    file:line, or with `skip_invalid` is skipped and counted by reason.
-    """
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"config.data.truncation={truncation!r} is not one of {TRUNCATIONS}")
-    if kind not in KINDS:
-        raise ValueError(f"data kind {kind!r} is not one of {KINDS}")
-    examples, stats = [], DataStats()
-    limit = seq_len + 1 if next_token_rows(kind) else seq_len
-    for record, where in sources.read_records(spec, split, tfds_data_dir=tfds_data_dir):
-        stats.records += 1
-        try:
-            if kind == "sft":
-                ids, mask = records_lib.tokenize_sft(record, tokenizer, where)
-                full = len(ids)
-                ex = _fit_length(
-                    Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32)),
-                    limit,
-                    truncation,
-                )
-            else:
-                prompt, chosen, rejected = records_lib.tokenize_preference(record, tokenizer, where)
-                full = len(prompt) + max(len(chosen[0]), len(rejected[0]))
-                ex = _fit_pair(prompt, chosen, rejected, limit, truncation)
-        except records_lib.DataError as e:
-            if not skip_invalid:
-                raise
-            stats.skipped += 1
-            reason = str(e).split(": ", 1)[-1]
-            stats.skip_reasons[reason] = stats.skip_reasons.get(reason, 0) + 1
-            continue
-        if ex is None:
-            stats.dropped += 1
-            continue
-        stats.truncated += int(full > limit)
-        stats.target_tokens += _target_tokens(ex)
-        examples.append(ex)
-        if max_examples and len(examples) >= max_examples:
-            break
-    if not examples:
-        raise ValueError(
-            f"Dataset {spec!r} ({split}) has no usable examples ({stats.summary()}); check the "
-            f"data, data.seq_len={seq_len} and data.truncation."
+
+class Concat:
+    """Several example sources read as one (e.g. the components of an eval mixture)."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        self._ends = np.cumsum([len(p) for p in self.parts]).tolist()
+        self.digest = hashlib.sha256(
+            "|".join(getattr(p, "digest", "") for p in self.parts).encode()
+        ).hexdigest()
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self._ends, i)
+        return self.parts[k][i - (self._ends[k - 1] if k else 0)]
+
+    def __iter__(self):
+        for part in self.parts:
+            yield from part
+
+    def with_ref_logps(self, ref_logps: np.ndarray) -> Concat:
+        starts = [0, *self._ends[:-1]]
+        return Concat(
+            [
+                p.with_ref_logps(ref_logps[a:b])
+                for p, a, b in zip(self.parts, starts, self._ends, strict=True)
+            ]
         )
-    return examples, stats
+
+
+def load_sft_examples(spec: str, split: str, tokenizer, **kwargs):
+    return load_examples(spec, split, tokenizer, kind="sft", **kwargs)
+
+
+def _handle(tokenizer) -> TokenizerHandle:
+    """A handle for a tokenizer object (its settings when `make_tokenizer` made it)."""
+    return TokenizerHandle(getattr(tokenizer, "settings", {"tokenizer": "byte"}), tokenizer)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
@@ -251,26 +218,19 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def load_mixture(spec: str, split: str, tokenizer, **kwargs):
-    """Every component of a (possibly one-component) mixture spec, loaded with `load_examples`.
+def load_mixture(spec: str, split: str, tokenizer: TokenizerHandle, settings: Settings, **kwargs):
+    """Every component of a (possibly one-component) mixture spec, opened with `open_examples`.
 
-    Returns `(sources, weights, stats)`: one example list per component, their weights, and the
-    stats of all components together.
+    Returns `(sources, weights, stats)`: one example source per component, their weights, and
+    the stats of all components together.
     """
-    sources, weights, total = [], [], DataStats()
+    opened, weights, total = [], [], DataStats()
     for path, weight in parse_mixture(spec):
-        examples, stats = load_examples(path, split, tokenizer, **kwargs)
-        sources.append(examples)
+        examples, stats = open_examples(path, split, tokenizer, settings, **kwargs)
+        opened.append(examples)
         weights.append(weight)
-        for field in ("records", "truncated", "dropped", "skipped", "target_tokens"):
-            setattr(total, field, getattr(total, field) + getattr(stats, field))
-        for reason, n in stats.skip_reasons.items():
-            total.skip_reasons[reason] = total.skip_reasons.get(reason, 0) + n
-    return sources, weights, total
-
-
-def load_sft_examples(spec: str, split: str, tokenizer, **kwargs):
-    return load_examples(spec, split, tokenizer, kind="sft", **kwargs)
+        total.add(stats)
+    return opened, weights, total
 
 
 def _sequence_row(ex: Example, seq_len: int, shift: bool = True) -> dict[str, np.ndarray]:
@@ -472,7 +432,7 @@ def pack_examples(
 
 
 def make_eval_batches(
-    examples: list,
+    examples: Sequence,
     *,
     seq_len: int,
     micro_batch: int,
@@ -483,37 +443,107 @@ def make_eval_batches(
     segments_per_row: int = 1,
     packing_bins: int = 64,
     kind: str | None = None,
+    agree_max: Callable[[int], int] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """The whole eval split once, in order, as `[1, micro_batch, ...]` batches for this process.
+    """The whole eval split once, as this process's `[1, micro_batch, ...]` batches; a process
+    reads only its own examples.
 
-    The last batch is padded with empty rows (no target tokens), so every example counts once.
-    `with_index` adds `example_index` (`-1` for padding rows; unpacked rows only).
+    Unpacked, global batch `b` holds examples `b*G .. (b+1)*G` (`G = micro_batch *
+    process_count`), process `i` its `i`-th block of them. Packed, each process packs its own
+    contiguous share and the processes agree (`agree_max`: the largest of every process's
+    value) on the number of batches. The last batches are padded with empty rows (no target
+    tokens), so every example counts once. `with_index` adds `example_index` (`-1` for padding
+    rows; unpacked rows only).
     """
+    n = len(examples)
+    template = to_row(examples[0], seq_len, kind)
     if packing != "none":
         if with_index:
             raise ValueError("example_index needs unpacked rows")
-        rows = pack_examples(
-            examples,
-            seq_len=seq_len,
-            packing=packing,
-            segments_per_row=segments_per_row,
-            packing_bins=packing_bins,
-            kind=kind,
+        per = -(-n // process_count)
+        share = [examples[i] for i in range(process_index * per, min(n, (process_index + 1) * per))]
+        rows = (
+            pack_examples(
+                share,
+                seq_len=seq_len,
+                packing=packing,
+                segments_per_row=segments_per_row,
+                packing_bins=packing_bins,
+                kind=kind,
+            )
+            if share
+            else []
         )
-    else:
-        rows = [to_row(ex, seq_len, kind) for ex in examples]
-    if with_index:
-        for i, row in enumerate(rows):
-            row["example_index"] = np.int32(i)
-    global_batch = micro_batch * process_count
-    n_batches = -(-len(rows) // global_batch)
-    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
+        template = rows[0] if rows else None
+        n_batches = -(-len(rows) // micro_batch)
+        if agree_max is not None and process_count > 1:
+            n_batches = agree_max(n_batches)
+        if template is None:  # this process's share is empty: pad with rows shaped as packed
+            template = pack_examples(
+                [examples[0]],
+                seq_len=seq_len,
+                packing=packing,
+                segments_per_row=segments_per_row,
+                packing_bins=1,
+                kind=kind,
+            )[0]
+        empty = {k: np.zeros_like(v) for k, v in template.items()}
+        rows += [empty] * (n_batches * micro_batch - len(rows))
+        return [
+            {
+                k: np.stack([r[k] for r in rows[b * micro_batch : (b + 1) * micro_batch]])[None]
+                for k in template
+            }
+            for b in range(n_batches)
+        ]
+    return [
+        eval_batch(
+            examples,
+            b,
+            seq_len=seq_len,
+            micro_batch=micro_batch,
+            process_index=process_index,
+            process_count=process_count,
+            with_index=with_index,
+            kind=kind,
+            template=template,
+        )
+        for b in range(eval_batch_count(n, micro_batch, process_count))
+    ]
+
+
+def eval_batch_count(n: int, micro_batch: int, process_count: int) -> int:
+    """Unpacked eval batches that hold `n` examples."""
+    return -(-n // (micro_batch * process_count))
+
+
+def eval_batch(
+    examples: Sequence,
+    b: int,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    with_index: bool = False,
+    kind: str | None = None,
+    template: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Unpacked eval batch `b`, this process's rows of it (see `make_eval_batches`); a pass
+    over a large split streams these one at a time."""
+    if template is None:
+        template = to_row(examples[0], seq_len, kind)
+    empty = {k: np.zeros_like(v) for k, v in template.items()}
     if with_index:
         empty["example_index"] = np.int32(-1)
-    rows += [empty] * (n_batches * global_batch - len(rows))
-    batches = []
-    for b in range(n_batches):
-        chunk = rows[b * global_batch : (b + 1) * global_batch]
-        mine = chunk[process_index * micro_batch : (process_index + 1) * micro_batch]
-        batches.append({k: np.stack([r[k] for r in mine])[None] for k in rows[0]})
-    return batches
+    first = (b * process_count + process_index) * micro_batch
+    rows = []
+    for p in range(first, first + micro_batch):
+        if p >= len(examples):
+            rows.append(empty)
+            continue
+        row = to_row(examples[p], seq_len, kind)
+        if with_index:
+            row["example_index"] = np.int32(p)
+        rows.append(row)
+    return {k: np.stack([r[k] for r in rows])[None] for k in empty}
