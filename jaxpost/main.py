@@ -35,6 +35,23 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--init_timeout", type=int, default=300, help="seconds to wait for every process to join"
     )
+    plan = sub.add_parser(
+        "plan",
+        help="memory per device of a config's train step, compiled (locally or for a TPU slice)",
+        epilog="Any --config.SECTION.KEY=VALUE overrides that config field. No data is read.",
+    )
+    plan.add_argument("--config", required=True, help="path/to/config.py[:variant]")
+    plan.add_argument(
+        "--topology",
+        default=None,
+        help="a TPU slice to compile for on this machine, e.g. v5p-64, v5e-16, v6e-8 or "
+        "v5p:4x4x4 (needs libtpu: pip install 'jaxpost[tpu-aot]'); default: the local devices",
+    )
+    plan.add_argument(
+        "--no_suggest",
+        action="store_true",
+        help="when it does not fit, do not recompile with changes that might make it fit",
+    )
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser(
@@ -176,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     config = config_lib.load_config(args.config)
     config_lib.apply_overrides(config, overrides)
+    if args.command == "plan":
+        from jaxpost import memory
+
+        return memory.plan(config, args.topology, try_changes=not args.no_suggest)
     from jaxpost import train as train_lib
 
     if args.distributed:

@@ -59,6 +59,13 @@ def create_state(model, tx, mesh, *, seed: int, seq_len: int):
     return state, shardings
 
 
+def state_shardings(model, tx, mesh, *, seq_len: int):
+    """The shardings `create_state` gives the state, without creating it."""
+    init = functools.partial(_init_state, model=model, tx=tx, seq_len=seq_len)
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        return sharding.logical_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
+
+
 def abstract_state(state_shardings, model, tx, *, seq_len: int):
     """ShapeDtypeStructs (with shardings) of the state, for restoring without initialising."""
     init = functools.partial(_init_state, model=model, tx=tx, seq_len=seq_len)

@@ -22,7 +22,7 @@ import ml_collections
 from etils import epath
 
 from jaxpost import checkpoint as ckpt
-from jaxpost import evaluation, optim, sharding
+from jaxpost import evaluation, memory, optim, sharding
 from jaxpost import metrics as metrics_lib
 from jaxpost import model as model_lib
 from jaxpost import plan as plan_lib
@@ -123,6 +123,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             mesh=mesh,
             frozen_shardings=frozen_shardings,
         )
+        # Compiled here once (the loop's first call reuses it), so its memory is known now.
+        log.info(memory.format_report(memory.train_step_report(train_step, state, frozen, plan)[1]))
         eval_step = step_lib.make_eval_step(
             objective,
             params_shardings=state_shardings.params,
