@@ -22,4 +22,4 @@ lint: install
 	if [ -f ../shared/tools/import_cycles.py ]; then $(BIN)/python ../shared/tools/import_cycles.py jaxpost; fi
 
 test: install lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/pytest -q -n auto --dist worksteal tests

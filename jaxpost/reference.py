@@ -123,8 +123,13 @@ def _local_rows(*arrays: jax.Array) -> list[np.ndarray]:
     return out
 
 
-def _chunk_done(parts: epath.Path, chunk: int, processes: int) -> bool:
-    return all((parts / f"c{chunk:06d}-p{p:04d}.npz").exists() for p in range(processes))
+def _gather_rows(index: np.ndarray, logps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's `(index, logps)` rows of a chunk (each process has the same count)."""
+    if jax.process_count() == 1:
+        return index, logps
+    index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1)
+    logps = np.asarray(multihost_utils.process_allgather(logps)).reshape(-1, 2)
+    return index, logps
 
 
 def compute(
@@ -138,13 +143,15 @@ def compute(
     parts_dir: str | None = None,
     what: str = "",
 ) -> np.ndarray:
-    """`[N, 2]` float32 reference log-probs (chosen, rejected) of `examples`, in order.
+    """`[N, 2]` float32 reference log-probs (chosen, rejected) of `examples`, in order; every
+    process gets the whole result.
 
     `logps_fn(params, batch)` maps a `[1, B, 2, L]` batch to `[1, B, 2]` log-probs. Batches
     stream from `examples` (each process builds only its rows); every row carries its example
-    index, so results land in place however the mesh lays rows out. With `parts_dir`, each
-    process writes its results every chunk of batches as it goes, and a pass that was
-    interrupted continues after the last chunk all processes finished.
+    index, so results land in place however the mesh lays rows out. The processes exchange
+    their results every chunk of batches (a few numbers per pair). With `parts_dir`, process
+    0 saves each chunk as it finishes, and a pass that was interrupted continues after the
+    chunks saved (no shared filesystem needed: process 0 sends them to the others).
     """
     P, pid = jax.process_count(), jax.process_index()
     micro = batch_size // P
@@ -152,21 +159,28 @@ def compute(
     n_batches = pipeline.eval_batch_count(n, micro, P)
     per_chunk = max(1, -(-n_batches // 100))
     n_chunks = -(-n_batches // per_chunk)
-    parts = epath.Path(parts_dir) if parts_dir else None
+    out = np.full((n, 2), np.nan, np.float32)
+    # Chunk files of one batch layout; a different layout (batch size) starts its own.
+    parts = epath.Path(parts_dir) / f"b{batch_size}-k{per_chunk}" if parts_dir else None
     done = np.zeros(n_chunks, np.int32)
-    if parts is not None:
-        if pid == 0:
-            parts.mkdir(parents=True, exist_ok=True)
-            done[:] = [_chunk_done(parts, c, P) for c in range(n_chunks)]
-        if P > 1:
-            done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-        if done.any():
-            log.info(
-                "reference log-probs (%s): resuming, %d of %d chunks already done",
-                what,
-                int(done.sum()),
-                n_chunks,
-            )
+    if parts is not None and pid == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+        names = {p.name for p in parts.iterdir()}
+        for c in range(n_chunks):
+            if f"c{c:06d}.npz" in names:
+                with (parts / f"c{c:06d}.npz").open("rb") as f:
+                    saved = np.load(f)
+                    out[saved["index"]] = saved["logps"]
+                done[c] = 1
+    if parts is not None and P > 1:
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    if done.any():
+        log.info(
+            "reference log-probs (%s): resuming, %d of %d chunks already done",
+            what,
+            int(done.sum()),
+            n_chunks,
+        )
     batch_sharding = sharding.batch_sharding(mesh)
 
     def fn(p, batch):
@@ -174,7 +188,6 @@ def compute(
 
     fn = jax.jit(fn, out_shardings=(batch_sharding, batch_sharding))
     template = pipeline.to_row(examples[0], seq_len)
-    out = np.full((n, 2), np.nan, np.float32)
     t0, rows_done, last_log = time.perf_counter(), 0, time.perf_counter()
     for c in range(n_chunks):
         if done[c]:
@@ -192,41 +205,34 @@ def compute(
                 template=template,
             )
             logps, index = _local_rows(*fn(params, sharding.to_global(batch, mesh)))
-            real = index >= 0
-            got_index.append(index[real])
-            got_logps.append(logps[real])
-        index, logps = np.concatenate(got_index), np.concatenate(got_logps)
+            got_index.append(index)
+            got_logps.append(logps)
+        index, logps = _gather_rows(np.concatenate(got_index), np.concatenate(got_logps))
+        real = index >= 0
+        index, logps = index[real], logps[real].astype(np.float32)
         out[index] = logps
-        if parts is not None:
-            path = parts / f"c{c:06d}-p{pid:04d}.npz"
+        if parts is not None and pid == 0:
+            path = parts / f"c{c:06d}.npz"
             tmp = parts / f".{path.name}.tmp{os.getpid()}"
             with tmp.open("wb") as f:
                 np.savez(f, index=index, logps=logps)
             tmp.replace(path)
-        rows_done += min(n, (c + 1) * per_chunk * batch_size) - c * per_chunk * batch_size
+        rows_done += len(index)
         now = time.perf_counter()
         if now - last_log > 30 or c == n_chunks - 1:
             rate = rows_done / (now - t0)
-            remaining = int((n_chunks - 1 - c) * per_chunk * batch_size / max(rate, 1e-9))
+            remaining = int((n - rows_done - done.sum() * per_chunk * batch_size) / max(rate, 1e-9))
             log.info(
                 "reference log-probs (%s): chunk %d/%d, %.0f pairs/s, ETA %ds",
                 what,
                 c + 1,
                 n_chunks,
                 rate,
-                remaining,
+                max(remaining, 0),
             )
             last_log = now
-    if parts is not None:  # the whole result from every process's parts (this run's and before)
-        if P > 1:
-            multihost_utils.sync_global_devices("jaxpost reference parts written")
-        for c in range(n_chunks):
-            for p in range(P):
-                with (parts / f"c{c:06d}-p{p:04d}.npz").open("rb") as f:
-                    saved = np.load(f)
-                    out[saved["index"]] = saved["logps"]
-    elif P > 1:
-        raise ValueError("a multi-process reference pass needs parts_dir (a shared directory)")
+    if done.any() and P > 1:  # chunks saved before are on process 0
+        out = np.asarray(multihost_utils.broadcast_one_to_all(out))
     if np.isnan(out).any():
         raise RuntimeError("reference pass left some examples without log-probs")
     return out
@@ -287,23 +293,28 @@ def load_or_compute(cache_dir: str, key: str, compute_fn, *, what: str) -> np.nd
     (atomically, from process 0). `compute_fn(parts_dir)` may keep partial results in
     `parts_dir` (so an interrupted pass resumes), removed once the file is written.
 
-    Process 0 decides whether the file exists and tells the others, so all processes take the
-    same branch (the compute is a collective: one process alone would hang).
+    Only process 0 touches `cache_dir`: it decides whether the file exists, and sends what it
+    read to the others, so the processes need no shared filesystem and all take the same branch
+    (the compute is a collective: one process alone would hang).
     """
     path = epath.Path(cache_dir) / f"{key}.npy"
-    parts = epath.Path(cache_dir) / f"{key}.parts-{jax.process_count()}p"
-    exists = path.exists()
-    if jax.process_count() > 1:
-        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
-    if exists:
+    parts = epath.Path(cache_dir) / f"{key}.parts"
+    pid, P = jax.process_index(), jax.process_count()
+    size = np.int64(-1)
+    if pid == 0 and path.exists():
         logps = _load(path)
+        size = np.int64(len(logps))
+    if P > 1:
+        size = int(multihost_utils.broadcast_one_to_all(size))
+    if size >= 0:
+        if P > 1:
+            mine = logps if pid == 0 else np.zeros((size, 2), np.float32)
+            logps = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(mine)))
         log.info("reference log-probs (%s): reused %s", what, path)
         return logps
     t0 = time.perf_counter()
     logps = compute_fn(str(parts))
-    if jax.process_count() > 1:  # every process has read the parts
-        multihost_utils.sync_global_devices("jaxpost reference parts read")
-    if jax.process_index() == 0:
+    if pid == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{key}.npy.tmp{os.getpid()}"
         with tmp.open("wb") as f:
@@ -311,8 +322,6 @@ def load_or_compute(cache_dir: str, key: str, compute_fn, *, what: str) -> np.nd
         tmp.replace(path)  # atomic: a reader never sees a partial file
         if parts.exists():
             parts.rmtree()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxpost reference cache written")
     log.info(
         "reference log-probs (%s): %d pairs in %.1fs, saved to %s",
         what,

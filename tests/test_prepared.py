@@ -101,6 +101,18 @@ def test_prepare_cli_with_workers_holds_out_eval_and_trains_reads_it(tmp_path):
     everything, _ = pipeline.open_examples(raw, "train", handle, settings)
     key = lambda e: e.ids.tobytes()  # noqa: E731
     assert sorted(map(key, [*train, *held])) == sorted(map(key, everything))
+    # The spawn pool (2 workers, 3 tasks) writes the same dataset as one process.
+    pooled = prepared.prepare(
+        [raw], str(tmp_path / "pooled"), BYTE, eval_fraction=0.2, workers=2, records_per_task=10
+    )
+    for split in ("train", "eval"):
+        assert pooled["splits"][split]["digest"] == manifest["splits"][split]["digest"]
+    # Record order is part of what a dataset is (reference log-probs are cached by it).
+    half = _write(tmp_path / "half.jsonl", _chats(30)[15:])
+    first = _write(tmp_path / "first.jsonl", _chats(30)[:15])
+    ab = prepared.prepare([first, half], str(tmp_path / "ab"), BYTE, workers=1)
+    ba = prepared.prepare([half, first], str(tmp_path / "ba"), BYTE, workers=1)
+    assert ab["splits"]["train"]["digest"] != ba["splits"]["train"]["digest"]
     bad = _write(tmp_path / "bad.jsonl", [*_chats(3), {"messages": "oops"}])
     with pytest.raises(records.DataError, match=r"bad.jsonl:4: field 'messages' must be"):
         prepared.prepare([bad], str(tmp_path / "bad"), BYTE, workers=1)
@@ -121,7 +133,7 @@ def test_bad_prepared_datasets_are_refused_naming_the_file(tmp_path):
         pipeline.open_examples(str(out), "train", handle, pipeline.Settings("pairs", 64))
     with pytest.raises(prepared.PreparedDataError, match="has no split 'eval'"):
         pipeline.open_examples(str(out), "eval", handle, sft)
-    qwen = {"tokenizer": str(REPO / "tests" / "fixtures" / "qwen2_5")}
+    qwen = {"tokenizer": str(REPO / "tests" / "fixtures" / "tokenizers" / "qwen2_5")}
     with pytest.raises(prepared.PreparedDataError, match="prepared with tokenizer settings"):
         pipeline.open_examples(str(out), "train", pipeline.TokenizerHandle(qwen), sft)
     shard = out / "train-00001-of-00003.array_record"

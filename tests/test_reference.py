@@ -105,8 +105,8 @@ def test_an_interrupted_reference_pass_resumes_after_its_last_chunk(tmp_path, mo
         reference.compute(_toy_logps, params, examples, parts_dir=parts, **kw)
     except KeyboardInterrupt:
         pass
-    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [
-        f"c{c:06d}-p0000.npz" for c in range(3)
+    assert sorted(p.name for p in (tmp_path / "parts" / "b8-k1").iterdir()) == [
+        f"c{c:06d}.npz" for c in range(3)
     ]
     built.clear()
 
@@ -117,4 +117,11 @@ def test_an_interrupted_reference_pass_resumes_after_its_last_chunk(tmp_path, mo
     monkeypatch.setattr(pipeline, "eval_batch", recording)
     got = reference.compute(_toy_logps, params, examples, parts_dir=parts, **kw)
     assert built == [3, 4, 5]  # only the chunks not saved before
+    np.testing.assert_array_equal(got, want)
+    # Another batch size (e.g. lowered after running out of memory) starts its own chunks.
+    built.clear()
+    got = reference.compute(
+        _toy_logps, params, examples, parts_dir=parts, **{**kw, "batch_size": 16}
+    )
+    assert built == [0, 1, 2]
     np.testing.assert_array_equal(got, want)

@@ -6,7 +6,8 @@
 
 Records are synthetic TRL conversations of about `--record_bytes` bytes (system, user and
 assistant turns of random words). Each measurement runs in a fresh process: `startup_s` is the
-wall time of a 1-step run (setup, data, compile, one step, final checkpoint) -- what grows with
+wall time of a 1-step run (smoke model, rows of `--seq_len` tokens, records cut to
+their last tokens) (setup, data, compile, one step, final checkpoint) -- what grows with
 the data is the data part -- and `peak_rss_mb` the run's peak resident memory (ru_maxrss). With
 `--raw`, the same run reads the raw JSONL (every record validated at startup, each process a
 share), with one process and with two (`launch/local_multiprocess.sh`-style, 4 CPU devices
@@ -88,6 +89,7 @@ def train_cmd(workdir: str, train_path: str, seq_len: int, extra=()) -> list[str
         f"--config.data.train_path={train_path}",
         "--config.data.eval_path=",
         f"--config.data.seq_len={seq_len}",
+        "--config.data.truncation=keep_end",  # the assistant turn ends each record
         "--config.train.num_steps=1",
         "--config.log.tensorboard=false",
         *extra,
@@ -145,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--dir", default="/tmp/jaxpost_scale")
     parser.add_argument("--record_bytes", type=int, default=1600)
-    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="prepare workers (0: all cores)")
     parser.add_argument("--raw", action="store_true", help="also time runs on the raw JSONL")
     args = parser.parse_args(argv)

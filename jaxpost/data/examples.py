@@ -151,9 +151,6 @@ def make_tokenizer(data_config: Mapping[str, Any]):
     return tok
 
 
-_TOKENIZER_FILES_MAX = 256 << 20  # larger files in a tokenizer directory are not model files
-
-
 def tokenizer_settings(data_config: Mapping[str, Any]) -> dict[str, str]:
     """The data settings that decide tokenisation, with defaults filled in."""
     return {
@@ -163,24 +160,39 @@ def tokenizer_settings(data_config: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+# The files a tokenizer is read from (`load_tokenizer`, `hf_tokenizer.read_tokenizer_config`).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
 def tokenizer_fingerprint(data_config: Mapping[str, Any]) -> str:
-    """sha256 of what decides tokenisation: the settings and the tokenizer's files' contents
-    (not their path, so a copied tokenizer directory matches)."""
+    """sha256 of what decides tokenisation: the settings and the contents of the files the
+    tokenizer is read from (not their path, so a copied tokenizer directory matches)."""
     settings = tokenizer_settings(data_config)
     h = hashlib.sha256(json.dumps({**settings, "tokenizer": ""}, sort_keys=True).encode())
-    spec = settings["tokenizer"] or "byte"
+    spec = settings["tokenizer"]
     if spec == "byte":
         h.update(b"byte-tokenizer-v1")
         return h.hexdigest()
     path = os.path.expanduser(spec)
-    files = (
-        sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
-    )
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    files = [os.path.join(directory, f) for f in _TOKENIZER_FILES]
+    if not os.path.isdir(path):
+        files = [path] + [f for f in files[2:] if f != path]
+    found = 0
     for f in files:
-        if os.path.isfile(f) and os.path.getsize(f) <= _TOKENIZER_FILES_MAX:
+        if os.path.isfile(f):
+            found += 1
             h.update(os.path.basename(f).encode() + b"\0")
             with open(f, "rb") as fh:
                 h.update(hashlib.sha256(fh.read()).digest())
+    if not found:
+        raise FileNotFoundError(f"config.data.tokenizer={spec!r}: no tokenizer files there")
     return h.hexdigest()
 
 
@@ -356,7 +368,12 @@ def scan(
         try:
             record, where = records[p]
             ex, cut = tokenize_record(record, where, tok, settings)
-        except records_lib.DataError as e:
+        except Exception as e:  # reported to every process, then raised
+            if not isinstance(e, records_lib.DataError):
+                # Not a record problem (I/O, a bug): every process stops, naming the record.
+                return ScanResult(
+                    status, stats, digest, error=f"record {p}: {type(e).__name__}: {e}"
+                )
             if not skip_invalid:
                 return ScanResult(status, stats, digest, error=str(e))
             stats.count_skip(e)

@@ -91,12 +91,24 @@ def open_examples(
     skipped and counted by reason.
     """
     if prepared.is_prepared(spec) or os.path.isdir(os.path.expanduser(spec)):
-        examples, stats = prepared.open_examples(spec, split, settings, tokenizer.settings)
-        if max_examples and len(examples) > max_examples:
-            examples.indices = examples.indices[:max_examples]
+        examples, stats = prepared.open_examples(
+            spec, split, settings, tokenizer.settings, max_examples=max_examples
+        )
     else:
         records = sources.open_records(spec, split, tfds_data_dir=tfds_data_dir)
-        if len(records) > LARGE_RAW_SOURCE and not max_examples:
+        if (
+            isinstance(records, sources.ParquetSource)
+            and len(records) > sources.PARQUET_CACHED_ROWS
+            and not max_examples
+        ):
+            log.warning(
+                "%s: %d Parquet rows are more than stay decoded in memory, so reading them in "
+                "shuffled order decodes row groups again and again; run `jaxpost data prepare` "
+                "once and train from its output.",
+                spec,
+                len(records),
+            )
+        elif len(records) > LARGE_RAW_SOURCE and not max_examples:
             log.warning(
                 "%s holds %d records: every start validates all of them. Run `jaxpost data "
                 "prepare` once and train from its output, which starts in time independent of "
@@ -155,9 +167,9 @@ class Concat:
     def __init__(self, parts: Sequence):
         self.parts = list(parts)
         self._ends = np.cumsum([len(p) for p in self.parts]).tolist()
-        self.digest = hashlib.sha256(
-            "|".join(getattr(p, "digest", "") for p in self.parts).encode()
-        ).hexdigest()
+        digests = [getattr(p, "digest", "") for p in self.parts]
+        # Without every part's digest, say none (callers then hash the tokens themselves).
+        self.digest = hashlib.sha256("|".join(digests).encode()).hexdigest() if all(digests) else ""
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -444,7 +456,7 @@ def make_eval_batches(
     packing_bins: int = 64,
     kind: str | None = None,
     agree_max: Callable[[int], int] | None = None,
-) -> list[dict[str, np.ndarray]]:
+) -> Sequence[dict[str, np.ndarray]]:
     """The whole eval split once, as this process's `[1, micro_batch, ...]` batches; a process
     reads only its own examples.
 
@@ -496,10 +508,9 @@ def make_eval_batches(
             }
             for b in range(n_batches)
         ]
-    return [
-        eval_batch(
-            examples,
-            b,
+    return EvalBatches(
+        examples,
+        dict(
             seq_len=seq_len,
             micro_batch=micro_batch,
             process_index=process_index,
@@ -507,9 +518,25 @@ def make_eval_batches(
             with_index=with_index,
             kind=kind,
             template=template,
-        )
-        for b in range(eval_batch_count(n, micro_batch, process_count))
-    ]
+        ),
+    )
+
+
+class EvalBatches(Sequence):
+    """Unpacked eval batches built when read (`eval_batch`), so a large eval split is never
+    held as padded rows."""
+
+    def __init__(self, examples: Sequence, kwargs: dict):
+        self.examples, self.kwargs = examples, kwargs
+        self._n = eval_batch_count(len(examples), kwargs["micro_batch"], kwargs["process_count"])
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+        if not -self._n <= b < self._n:
+            raise IndexError(b)
+        return eval_batch(self.examples, b % self._n, **self.kwargs)
 
 
 def eval_batch_count(n: int, micro_batch: int, process_count: int) -> int:

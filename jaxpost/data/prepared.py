@@ -70,7 +70,12 @@ def _encode(where: str, parts: Sequence, token_dtype: str) -> bytes:
     w = where.encode()
     out = [np.uint32(len(parts)).tobytes(), np.uint32(len(w)).tobytes(), w]
     for k, a in enumerate(parts):
-        data = np.asarray(a, token_dtype) if k % 2 == 0 else _runs(a)
+        if k % 2 == 0:
+            if len(a) and int(np.max(a)) > np.iinfo(np.dtype(token_dtype)).max:
+                raise ValueError(f"{where}: token id {int(np.max(a))} does not fit {token_dtype}")
+            data = np.asarray(a, token_dtype)
+        else:
+            data = _runs(a)
         out += [np.uint32(len(data)).tobytes(), data.tobytes()]
     return b"".join(out)
 
@@ -123,16 +128,21 @@ def _record(index: int):
 
 def _tokenize(record, where: str, tok) -> tuple[str, list[np.ndarray], np.ndarray]:
     """`(kind, arrays to store, index rows)` of one record; its kind from its fields."""
+
+    def arrays(*lists):
+        return [np.array(x, np.int32) for x in lists]
+
     if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
         prompt, (c, cm), (r, rm) = records_lib.tokenize_preference(record, tok, where)
+        prompt, c, cm, r, rm = arrays(prompt, c, cm, r, rm)
+        zeros = np.zeros(len(prompt), np.int32)
         rows = [
-            _sequence_index(len(prompt) + len(ids), np.asarray([0] * len(prompt) + mask))
+            _sequence_index(len(prompt) + len(ids), np.concatenate([zeros, mask]))
             for ids, mask in ((c, cm), (r, rm))
         ]
-        parts = [prompt, np.zeros(len(prompt)), c, cm, r, rm]
-        return "pairs", parts, np.asarray(rows, np.int32)
-    ids, mask = records_lib.tokenize_sft(record, tok, where)
-    return "sft", [ids, mask], np.asarray([_sequence_index(len(ids), np.asarray(mask))], np.int32)
+        return "pairs", [prompt, zeros, c, cm, r, rm], np.asarray(rows, np.int32)
+    ids, mask = arrays(*records_lib.tokenize_sft(record, tok, where))
+    return "sft", [ids, mask], np.asarray([_sequence_index(len(ids), mask)], np.int32)
 
 
 def _prepare_task(task: int, start: int, stop: int, skip_invalid: bool) -> dict:
@@ -166,7 +176,10 @@ def _prepare_task(task: int, start: int, stop: int, skip_invalid: bool) -> dict:
         s["index"].append(rows)
         s["records"] += 1
         s["hist"][np.searchsorted(_HIST_EDGES, int(rows[:, 0].max()), side="right") - 1] += 1
-        s["digest"] += np.frombuffer(hashlib.blake2b(raw, digest_size=32).digest(), np.uint64)
+        # Keyed by the record's position, so reordered inputs give another digest.
+        h = hashlib.blake2b(np.int64(i).tobytes(), digest_size=32)
+        h.update(raw)
+        s["digest"] += np.frombuffer(h.digest(), np.uint64)
         stats.target_tokens += int(rows[:, 3].sum())
     for w in writers.values():
         w.close()
@@ -204,12 +217,24 @@ def prepare(
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"--eval_fraction={eval_fraction} must be in [0, 1)")
     out = os.path.expanduser(out)
-    if os.path.exists(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"--out={out} exists and is not empty (pass --overwrite)")
+    if "://" in out:
+        raise ValueError(
+            f"--out={out}: prepared datasets are written to and read from a local or mounted "
+            "filesystem (e.g. gcsfuse for a bucket)"
+        )
+    if os.path.exists(out) and os.listdir(out):
+        if not overwrite:
+            raise FileExistsError(f"--out={out} exists and is not empty (pass --overwrite)")
+        if not os.path.isfile(os.path.join(out, MANIFEST)):
+            raise FileExistsError(
+                f"--out={out} is not a prepared dataset (no {MANIFEST}); --overwrite replaces "
+                "only those"
+            )
     tokenizer = ex_lib.make_tokenizer(data_config)  # a bad tokenizer fails here, not in workers
     opened, start = [], 0
     for spec in inputs:
-        source = sources.open_records(spec, "train")
+        tfds_dir = data_config.get("tfds_data_dir") or sources.DEFAULT_TFDS_DIR
+        source = sources.open_records(spec, "train", tfds_data_dir=tfds_dir)
         opened.append((source, start))
         start += len(source)
     total = start
@@ -227,7 +252,7 @@ def prepare(
         (t, a, min(a + records_per_task, total))
         for t, a in enumerate(range(0, total, records_per_task))
     ]
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0))
     initargs = (opened, dict(data_config), token_dtype, tmp, held)
     results: dict[int, dict] = {}
     t0, done = time.perf_counter(), 0
@@ -436,12 +461,22 @@ def _kept(index: np.ndarray, settings: ex_lib.Settings) -> tuple[np.ndarray, np.
 
 
 def open_examples(
-    spec: str, split: str, settings: ex_lib.Settings, data_config: dict[str, Any]
+    spec: str,
+    split: str,
+    settings: ex_lib.Settings,
+    data_config: dict[str, Any],
+    *,
+    max_examples: int = 0,
 ) -> tuple[PreparedExamples, ex_lib.DataStats]:
     """The examples of a prepared dataset's split that fit `settings` (nothing is read but the
     manifest and the index), and their stats. Refuses a dataset prepared with another tokenizer
     or chat-template settings, or of the wrong kind; checks every shard is whole."""
     path, bounds = sources.split_slice(spec)
+    if "://" in path:
+        raise PreparedDataError(
+            f"{path}: prepared datasets are read from a local or mounted filesystem (e.g. gcsfuse "
+            "for a bucket)"
+        )
     directory = os.path.expanduser(path).rstrip("/")
     if not os.path.isfile(os.path.join(directory, MANIFEST)):
         directory, split = os.path.split(directory)
@@ -484,6 +519,10 @@ def open_examples(
         stop = max(start, sources._bound(bounds[1], len(index), len(index)))
     index = np.asarray(index[start:stop])
     kept, cut = _kept(index, settings)
+    if max_examples and kept.sum() > max_examples:  # the first `max_examples` that fit
+        last = int(np.flatnonzero(kept)[max_examples - 1])
+        index, kept, cut = index[: last + 1], kept[: last + 1], cut[: last + 1]
+        stop = start + last + 1
     kept_ids = (np.flatnonzero(kept) + start).astype(np.int32 if stop < 2**31 else np.int64)
     stats = ex_lib.DataStats(
         records=len(index),

@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from jaxpost.data import hf_tokenizer
 from jaxpost.data.messages import message_role, message_text
 
@@ -52,7 +54,8 @@ class ByteTokenizer:
     prefix_ids = (BOS,)
 
     def encode(self, text: str) -> list[int]:
-        return [b + _BYTE_OFFSET for b in text.encode("utf-8")]
+        raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+        return (raw.astype(np.int32) + _BYTE_OFFSET).tolist()
 
     def chat(
         self, messages: Sequence[tuple[str, str]], first: int = 0
