@@ -56,9 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.objective = dict(
         name="sft",  # sft | rm | dpo | simpo | orpo
-        # sft, dpo: >0 computes log-probs over this many positions at a time, never holding the
-        # [batch, length, vocab] logits (for large vocabularies); 0 = full logits
-        logits_chunk_size=0,
+        # sft, dpo, simpo, orpo: >0 computes log-probs over this many positions at a time, never
+        # holding the [batch, length, vocab] logits (for large vocabularies); 0 = full logits;
+        # -1 = auto: 512 on GPU/TPU when one row's float32 logits exceed 128 MiB, else 0
+        logits_chunk_size=-1,
         # dpo: TRL DPOTrainer's names and meanings (jaxpost.losses.dpo_loss)
         loss_type="sigmoid",  # one name, or several comma-separated (e.g. "sigmoid,sft")
         loss_weights="",  # comma-separated, one per loss type; '' = all 1.0

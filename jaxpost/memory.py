@@ -53,6 +53,7 @@ def make_setup(config: ml_collections.ConfigDict, target: Target) -> Setup:
         config = config.copy_and_resolve_references()
         config.model.dtype = "bfloat16"
     config = plan_lib.resolve_dtype(config)
+    config = plan_lib.resolve_logits_chunk(config, "tpu" if target.is_tpu else None)
     model_config = model_lib.Config(**config.model)
     packing = plan_lib.packing_settings(config)
     objective = objectives.make_objective(

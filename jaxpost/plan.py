@@ -57,7 +57,7 @@ def make_plan(config: ml_collections.ConfigDict, *, training: bool = True) -> Pl
     """Check and resolve `config` into a `Plan`; every error a user can cause is raised here.
     `training=False` (evaluation) skips what only training needs: the train batch layout."""
     config_lib.check_config(config)
-    config = resolve_dtype(resolve_hf_dir(config))
+    config = resolve_logits_chunk(resolve_dtype(resolve_hf_dir(config)))
     model_config = model_lib.Config(**config.model)
     packing = packing_settings(config)
     objective = objectives.make_objective(
@@ -128,6 +128,27 @@ def resolve_dtype(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         return config
     config = config.copy_and_resolve_references()
     config.model.dtype = model_lib.resolve_dtype("auto")
+    return config
+
+
+AUTO_CHUNK_BYTES = 128 << 20  # one row's float32 logits above this are computed in chunks
+AUTO_CHUNK = 512
+
+
+def resolve_logits_chunk(
+    config: ml_collections.ConfigDict, backend: str | None = None
+) -> ml_collections.ConfigDict:
+    """`objective.logits_chunk_size=-1` (auto) made concrete for `backend` (default: this
+    process's): on GPU/TPU, chunks of 512 positions when one row's `[seq_len, vocab]` float32
+    logits would exceed 128 MiB (e.g. seq 2048 x a 32k vocabulary), so they never sit in device
+    memory whole; on CPU, where memory is plentiful and the recomputation costs time, none."""
+    if int(config.objective.logits_chunk_size) != -1:
+        return config
+    backend = backend or jax.default_backend()
+    row_bytes = 4 * int(config.data.seq_len) * int(config.model.vocab_size)
+    chunk = AUTO_CHUNK if backend != "cpu" and row_bytes > AUTO_CHUNK_BYTES else 0
+    config = config.copy_and_resolve_references()
+    config.objective.logits_chunk_size = min(chunk, int(config.data.seq_len))
     return config
 
 

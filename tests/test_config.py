@@ -219,3 +219,18 @@ def test_a_run_that_died_before_saving_does_not_lock_its_workdir(tmp_path):
     )
     with pytest.raises(ValueError, match="data.packing: 'none' there, 'first_fit' here"):
         main(base + ["--config.data.packing=first_fit"])
+
+
+def test_auto_logits_chunk_is_512_on_accelerators_when_a_rows_logits_are_large():
+    from jaxpost import plan
+
+    config = smoke_config(**{"data.seq_len": 2048, "model.vocab_size": 32768})
+    assert config.objective.logits_chunk_size == -1  # the default: auto
+    # 2048 x 32768 float32 logits = 256 MiB per row > 128 MiB.
+    assert plan.resolve_logits_chunk(config, "tpu").objective.logits_chunk_size == 512
+    assert plan.resolve_logits_chunk(config, "gpu").objective.logits_chunk_size == 512
+    assert plan.resolve_logits_chunk(config, "cpu").objective.logits_chunk_size == 0
+    small = smoke_config(**{"data.seq_len": 1024, "model.vocab_size": 32768})  # 128 MiB
+    assert plan.resolve_logits_chunk(small, "tpu").objective.logits_chunk_size == 0
+    fixed = smoke_config(**{"objective.logits_chunk_size": 64})
+    assert plan.resolve_logits_chunk(fixed, "tpu").objective.logits_chunk_size == 64

@@ -43,14 +43,18 @@ class Row:
     topology: str
     remat: str = "none"
     mesh: tuple[int, int] = (1, -1)  # (data, fsdp)
+    chunk: int = 0  # objective.logits_chunk_size: 0 = full logits, -1 = auto (the default)
 
     @property
     def name(self) -> str:
         data, fsdp = self.mesh
         mesh = "" if self.mesh == (1, -1) else f" data={data} fsdp={fsdp}"
+        chunk = (
+            "" if self.chunk == 0 else f" logits_chunk={'auto' if self.chunk < 0 else self.chunk}"
+        )
         return (
             f"{self.preset} {self.objective} {self.seq_len} {self.topology} "
-            f"remat={self.remat}{mesh}"
+            f"remat={self.remat}{mesh}{chunk}"
         )
 
 
@@ -64,6 +68,10 @@ ROWS = (
     Row("bench-1b", "sft", 2048, "v5p-128", mesh=(4, 16)),
     Row("bench-1b", "sft", 2048, "v5p-64"),
     Row("llama3-8b", "sft", 8192, "v5p-128", "full"),
+    # The default since: objective.logits_chunk_size=-1 (auto) chunks the logits on TPUs.
+    Row("bench-1b", "sft", 2048, "v5p-128", chunk=-1),
+    Row("bench-1b", "dpo", 2048, "v5p-128", chunk=-1),
+    Row("llama3-8b", "sft", 8192, "v5p-128", "full", chunk=-1),
 )
 
 
@@ -87,6 +95,7 @@ def row_config(row: Row):
             f"mesh.data={data}",
             f"mesh.fsdp={fsdp}",
             "mesh.tensor=1",
+            f"objective.logits_chunk_size={row.chunk}",
         ],
     )
     return config
