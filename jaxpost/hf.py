@@ -262,10 +262,15 @@ def save_pretrained(
     if kind not in ("causal_lm", "reward"):
         raise ValueError(f"kind={kind!r} must be 'causal_lm' or 'reward'")
     path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
-    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
-        raise FileNotFoundError(f"tokenizer_dir={tokenizer_dir!r} is not a directory")
+    write = jax.process_index() == 0
+    problem = None  # the file checks concern process 0 only: it alone writes
+    if write and os.path.exists(path) and os.listdir(path) and not overwrite:
+        problem = FileExistsError(
+            f"{path} exists and is not empty (pass overwrite=True to replace it)"
+        )
+    elif write and tokenizer_dir and not os.path.isdir(tokenizer_dir):
+        problem = FileNotFoundError(f"tokenizer_dir={tokenizer_dir!r} is not a directory")
+    _raise_everywhere(problem, "export refused by process 0")
     leaves = mapping.leaves(config, kind)
     abstract = mapping.abstract_params(config, kind)
     for leaf in leaves:  # the params must be this config's before anything is written
@@ -287,32 +292,57 @@ def save_pretrained(
         for i, name in enumerate(hf_names(leaf, config.n_layers)):
             specs.append(Spec(name, out_dtype, layer_shape))
             sources.append((leaf, i if leaf.per_layer else None))
-    write = jax.process_index() == 0
     log.info("exporting %d tensors to %s", len(specs), path)
-    with atomic_directory(path, enabled=write) as tmp:
-        metadata = {"format": "pt"}
-        with ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes, metadata=metadata) as out:
-            for spec, (leaf, i) in zip(specs, sources, strict=True):
-                tensor = _host_tensor(get_path(params, leaf.path), i, spec.dtype)
-                out.write(spec.name, leaf.to_hf(tensor))
-                del tensor  # before the next one is gathered
-        hf["torch_dtype"] = specs[-1].dtype.name
-        if tokenizer_dir and write:
-            for file in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, file)
-                if os.path.exists(src):
-                    shutil.copy(src, os.path.join(tmp, file))
-            tok_config = os.path.join(tmp, "tokenizer_config.json")
-            if os.path.exists(tok_config):
-                _copy_token_ids(tok_config, tmp, hf, kind)
-        if kind == "reward":
-            hf["pad_token_id"] = reward_pad_id(hf)
-        if write:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(hf, f, indent=2)
-    if jax.process_count() > 1:  # nobody returns before process 0 has finished writing
-        multihost_utils.sync_global_devices("jaxpost.hf.save_pretrained")
+    pending = iter(zip(specs, sources, strict=True))
+    try:
+        with atomic_directory(path, enabled=write) as tmp:
+            metadata = {"format": "pt"}
+            with ShardedWriter(
+                tmp, specs, max_shard_bytes=max_shard_bytes, metadata=metadata
+            ) as out:
+                for spec, (leaf, i) in pending:
+                    tensor = _host_tensor(get_path(params, leaf.path), i, spec.dtype)
+                    out.write(spec.name, leaf.to_hf(tensor))
+                    del tensor  # before the next one is gathered
+            hf["torch_dtype"] = specs[-1].dtype.name
+            if tokenizer_dir and write:
+                for file in TOKENIZER_FILES:
+                    src = os.path.join(tokenizer_dir, file)
+                    if os.path.exists(src):
+                        shutil.copy(src, os.path.join(tmp, file))
+                tok_config = os.path.join(tmp, "tokenizer_config.json")
+                if os.path.exists(tok_config):
+                    _copy_token_ids(tok_config, tmp, hf, kind)
+            if kind == "reward":
+                hf["pad_token_id"] = reward_pad_id(hf)
+            if write:
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(hf, f, indent=2)
+        problem = None
+    except Exception as e:  # process 0 failed writing (disk full, ...): tell the others
+        if jax.process_count() == 1:
+            raise
+        problem = e
+        for spec, (leaf, i) in pending:  # the gathers the others are waiting in
+            _host_tensor(get_path(params, leaf.path), i, spec.dtype)
+    # Nobody returns before process 0 has finished writing, and everybody learns how it went.
+    _raise_everywhere(problem, "export failed on process 0")
     return path
+
+
+def _raise_everywhere(problem: Exception | None, what: str) -> None:
+    """Raise `problem` (process 0's) on every process of the job, not only where it happened,
+    so no process waits in a collective for one that stopped."""
+    if jax.process_count() > 1:
+        text = f"{type(problem).__name__}: {problem}" if problem is not None else ""
+        raw = np.zeros(2048, np.uint8)
+        data = text.encode()[: len(raw)]
+        raw[: len(data)] = np.frombuffer(data, np.uint8)
+        got = np.asarray(multihost_utils.broadcast_one_to_all(raw)).tobytes().rstrip(b"\0")
+        if got and problem is None:
+            raise RuntimeError(f"{what}: {got.decode(errors='replace')}")
+    if problem is not None:
+        raise problem
 
 
 def reward_pad_id(hf: Mapping) -> int | None:

@@ -338,7 +338,10 @@ def verdict(report: Report) -> str:
     """'fits: X of Y', 'does not fit: X > Y', or 'X (the device reports no limit)'."""
     if report.error:
         needed = "?" if report.needed is None else _gib(report.needed)
-        return f"does not fit: {needed} > {_gib(report.available)} (the compile ran out of memory)"
+        return (
+            f"does not fit: {needed} > {_gib(report.available)} (the compile ran out of memory; "
+            "the first number is the step's temporaries alone, before its arguments)"
+        )
     if report.available is None:
         return f"{_gib(report.peak)} (the device reports no memory limit)"
     relation = "of" if report.fits else ">"

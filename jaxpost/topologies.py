@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 from typing import Any
 
@@ -94,6 +95,9 @@ def target_devices(target: Target) -> list:
             f"--topology={target.name} compiles for a TPU slice, which needs libtpu on this "
             "machine: pip install 'jaxpost[tpu-aot]' (or jax[tpu] of the installed jax version)."
         )
+    # libtpu otherwise locks itself to one process per machine (/tmp/libtpu_lockfile); compiling
+    # uses no chip, so a second `jaxpost plan`, or one beside a job on a TPU VM, may load it too.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     kwargs: dict[str, Any] = {"chip_config_name": GENERATIONS[target.generation][2]}
