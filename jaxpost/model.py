@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpost import attention as attention_lib
+
 Params = Any  # a plain nested dict of arrays
 
 
@@ -64,7 +66,9 @@ class Config:
     max_position_embeddings: int = 4096  # the context it was trained for (metadata for export)
     # attention kernel for training/eval passes: "xla" (portable), "cudnn" (NVIDIA GPUs,
     # bf16/fp16: fused flash attention that skips the masked upper triangle; 2.1x the bench-1b
-    # step on an H200), or "auto" (cudnn on a GPU in bf16/fp16 with head_dim <= 128, else xla)
+    # step on an H200), "splash" (TPUs: Pallas flash attention, no [B, H, L, L] scores; see
+    # jaxpost/attention.py), or "auto" (splash on a TPU, cudnn on a GPU in bf16/fp16 with
+    # head_dim <= 128, else xla). Sampling with a KV cache always uses xla.
     attention: str = "auto"
     init_std: float = 0.02
     # activations and matmuls; "auto" becomes bfloat16 on GPUs/TPUs and float32 on CPU when the
@@ -117,16 +121,35 @@ def resolve_dtype(dtype: str) -> str:
 
 
 ROPE_SCALINGS = ("", "linear", "llama3")
-ATTENTION_KERNELS = ("auto", "xla", "cudnn")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
 
 
 def attention_kernel(config: Config) -> str:
-    """The kernel `config.attention` selects on the current backend."""
+    """The kernel `config.attention` selects for the platform being compiled for (the current
+    mesh's devices, else the default backend); called when the model is traced."""
+    platform = attention_lib.target_platform()
+    if config.attention == "splash" and platform != "tpu" and not attention_lib.interpreting():
+        raise ValueError(
+            f"model.attention='splash' is a TPU kernel, but this compiles for {platform!r}: "
+            "set --config.model.attention=auto (or xla); tests can run it on any backend "
+            "inside `jaxpost.attention.interpret()`."
+        )
     if config.attention != "auto":
         return config.attention
+    if platform == "tpu":
+        return "splash"
     fast_dtype = config.dtype in ("bfloat16", "float16")
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = platform == "gpu"
     return "cudnn" if on_gpu and fast_dtype and config.head_dim <= 128 else "xla"
+
+
+def _kernel(module: nn.Module, cache) -> str:
+    """The attention kernel of one pass: xla with a KV cache (sampling) and when initialising
+    (only the params' shapes matter, so any backend can init a splash model), else the
+    configured one."""
+    if cache is not None or module.is_initializing():
+        return "xla"
+    return attention_kernel(module.config)
 
 
 REMAT_POLICIES = {
@@ -310,10 +333,13 @@ class Attention(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL=None, cache=None):
+    def __call__(
+        self, x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL=None, cache=None, segment_ids_BL=None
+    ):
         """With `cache` ({"k", "v"}: `[B, S, K, Dh]`), the new keys and values are written at
         slots `positions_BL` and attention reads the whole cache (mask `[B, 1, L, S]`); returns
-        `(out, new_cache)`. Without: `(out, None)`."""
+        `(out, new_cache)`. Without: `(out, None)`. The splash kernel takes `segment_ids_BL`
+        instead of a mask (`mask_B1LS` is then None)."""
         cfg = self.config
         D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
@@ -338,7 +364,12 @@ class Attention(nn.Module):
             new_cache = {"k": k_BSKD, "v": v_BSKD}
             k_BLKD, v_BLKD = k_BSKD.astype(cfg.dtype), v_BSKD.astype(cfg.dtype)
         # Grouped-query attention: dot_product_attention shares each kv head among H/K queries.
-        if cache is None and attention_kernel(cfg) == "cudnn":
+        kernel = _kernel(self, cache)
+        if kernel == "splash":
+            out_BLHD = attention_lib.splash_attention(
+                q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, sliding_window=cfg.sliding_window
+            )
+        elif kernel == "cudnn":
             # The mask still carries segments (packing); is_causal lets the kernel skip the
             # upper triangle.
             out_BLHD = jax.nn.dot_product_attention(
@@ -372,11 +403,11 @@ class Block(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache):
+    def __call__(self, x_BLD, cos_BLD, sin_BLD, mask_B1LS, segment_ids_BL, positions_BL, cache):
         cfg = self.config
         h_BLD = RMSNorm(cfg, name="attn_norm")(x_BLD)
         attn_BLD, cache = Attention(cfg, name="attn")(
-            h_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache
+            h_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache, segment_ids_BL
         )
         x_BLD = x_BLD + attn_BLD
         h_BLD = RMSNorm(cfg, name="mlp_norm")(x_BLD)
@@ -430,7 +461,9 @@ class Decoder(nn.Module):
         x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
         cos_BLD, sin_BLD = rope_tables(positions_BL, cfg)
-        if cache is None:
+        if _kernel(self, cache) == "splash":
+            mask_B1LS = None  # the kernel masks from the segment ids, block by block
+        elif cache is None:
             mask_B1LS = attention_mask(segment_ids_BL, cfg.sliding_window)
         else:
             mask_B1LS = cache_mask(positions_BL, cache["k"].shape[2], cfg.sliding_window)
@@ -442,11 +475,13 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast,) * 5 + (0,),
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        x_BLD, new_cache = layers(x_BLD, cos_BLD, sin_BLD, mask_B1LS, positions_BL, cache)
+        x_BLD, new_cache = layers(
+            x_BLD, cos_BLD, sin_BLD, mask_B1LS, segment_ids_BL, positions_BL, cache
+        )
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         if return_hidden:
             return x_BLD if cache is None else (x_BLD, new_cache)
