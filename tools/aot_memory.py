@@ -44,6 +44,7 @@ class Row:
     remat: str = "none"
     mesh: tuple[int, int] = (1, -1)  # (data, fsdp)
     chunk: int = 0  # objective.logits_chunk_size: 0 = full logits, -1 = auto (the default)
+    attention: str = "xla"  # model.attention; "auto" picks splash attention on TPUs
 
     @property
     def name(self) -> str:
@@ -72,6 +73,10 @@ ROWS = (
     Row("bench-1b", "sft", 2048, "v5p-128", chunk=-1),
     Row("bench-1b", "dpo", 2048, "v5p-128", chunk=-1),
     Row("llama3-8b", "sft", 8192, "v5p-128", "full", chunk=-1),
+    # Splash attention (model.attention=auto on TPUs): no [B, H, L, L] scores.
+    Row("bench-1b", "sft", 8192, "v5p-128", attention="auto"),
+    Row("bench-1b", "sft", 8192, "v5p-128", "full", attention="auto"),
+    Row("bench-1b", "sft", 8192, "v5p-128", chunk=-1, attention="auto"),
 )
 
 
@@ -82,7 +87,7 @@ def row_config(row: Row):
         model = {**config_lib.model_section("bench-1b"), **LLAMA3_8B}
     else:
         model = config_lib.model_section(row.preset)
-    model.update(dtype="bfloat16", param_dtype="float32", remat=row.remat)
+    model.update(dtype="bfloat16", param_dtype="float32", remat=row.remat, attention=row.attention)
     config.model = model
     data, fsdp = row.mesh
     config_lib.apply_overrides(
