@@ -146,14 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from jaxpost import serve
 
         if args.distributed:
-            import jax
-
-            jax.distributed.initialize(
-                coordinator_address=args.coordinator,
-                num_processes=args.num_processes,
-                process_id=args.process_id,
-                initialization_timeout=args.init_timeout,
-            )
+            _init_distributed(args, quiet_others=False)
         out = serve.export(
             args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite
         )
@@ -200,16 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from jaxpost import train as train_lib
 
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-            initialization_timeout=args.init_timeout,
-        )
-        if jax.process_index() != 0:  # one console voice; errors still print everywhere
-            logging.getLogger("jaxpost").setLevel(logging.WARNING)
+        _init_distributed(args)
     summary = train_lib.train(config, args.workdir)
     before, after = summary["eval_before"], summary["eval_after"]
     if after:
@@ -217,6 +201,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "done: %s", _before_after(before, after, summary["start_step"], summary["final_step"])
         )
     return summary
+
+
+def _init_distributed(args, *, quiet_others: bool = True) -> None:
+    """`jax.distributed.initialize` from the command's --coordinator/--num_processes/
+    --process_id/--init_timeout (auto-detected on Cloud TPU and SLURM when not given);
+    `quiet_others` leaves the info log to process 0."""
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=args.init_timeout,
+    )
+    if quiet_others and jax.process_index() != 0:  # one voice; errors still print everywhere
+        logging.getLogger("jaxpost").setLevel(logging.WARNING)
 
 
 def _prepare(args, overrides: list[str]) -> dict:
