@@ -22,8 +22,7 @@ import ml_collections
 import numpy as np
 
 from jaxpost import config as config_lib
-from jaxpost import model as model_lib
-from jaxpost import objectives, optim, sharding
+from jaxpost import optim, sharding
 from jaxpost import plan as plan_lib
 from jaxpost import step as step_lib
 from jaxpost.data import pipeline
@@ -34,46 +33,30 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """A checked config on a mesh: what compiling its train step needs."""
+    """A checked plan for a target's devices: what compiling its train step needs."""
 
-    config: ml_collections.ConfigDict
+    plan: plan_lib.Plan
     target: Target
-    objective: objectives.Objective
-    mesh: jax.sharding.Mesh
-    layout: plan_lib.BatchLayout
-    segments_per_row: int
+
+    config = property(lambda self: self.plan.config)
+    objective = property(lambda self: self.plan.objective)
+    mesh = property(lambda self: self.plan.mesh)
+    layout = property(lambda self: self.plan.layout)
+    segments_per_row = property(lambda self: self.plan.packing["segments_per_row"])
 
 
 def make_setup(config: ml_collections.ConfigDict, target: Target) -> Setup:
-    """`plan.make_plan`'s checks for `target`'s devices (`model.dtype="auto"` is bfloat16 on a
-    TPU slice); the tokenizer is loaded (its vocabulary checked), the data is not."""
-    config_lib.check_config(config)
-    config = plan_lib.resolve_hf_dir(config)
-    if target.is_tpu and config.model.dtype == "auto":
-        config = config.copy_and_resolve_references()
-        config.model.dtype = "bfloat16"
-    config = plan_lib.resolve_dtype(config)
-    config = plan_lib.resolve_logits_chunk(config, "tpu" if target.is_tpu else None)
-    model_config = model_lib.Config(**config.model)
-    packing = plan_lib.packing_settings(config)
-    objective = objectives.make_objective(
-        config.objective, model_config, segments_per_row=packing["segments_per_row"]
-    )
+    """`plan.make_plan` for `target`'s devices (on a TPU slice `model.dtype="auto"` is bfloat16
+    and logits chunking is decided for TPU); the tokenizer is loaded, the data is not."""
+    devices = target_devices(target)
+    backend = "tpu" if target.is_tpu else None
     try:
-        mesh = sharding.make_mesh(config.mesh, target_devices(target))
-    except NotImplementedError as e:  # jax.make_mesh: axes that split a torus dimension
-        raise ValueError(
-            f"config.mesh {dict(config.mesh)} does not map onto {target.topology}: {e}"
-        ) from None
-    sharding.check_model_fits_mesh(model_config, mesh)
-    layout = plan_lib.batch_layout(config, mesh)
-    tokenizer = pipeline.make_tokenizer(config.data)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({tokenizer.vocab_size})."
-        )
-    return Setup(config, target, objective, mesh, layout, packing["segments_per_row"])
+        plan_ = plan_lib.make_plan(config, devices=devices, backend=backend)
+    except ValueError as e:
+        if target.is_tpu and "does not map onto the devices" in str(e):
+            raise ValueError(str(e).replace("the devices", target.topology, 1)) from None
+        raise
+    return Setup(plan_, target)
 
 
 def abstract_batch(
@@ -416,14 +399,7 @@ def plan(config: ml_collections.ConfigDict, topology: str | None = None, *, try_
 def train_step_report(train_step, state, frozen, plan_: plan_lib.Plan):
     """`(Compiled, Report)` of `train`'s jitted step for its real state: lowered with the
     batch's abstract shapes and compiled once (a later call with a real batch reuses it)."""
-    setup = Setup(
-        plan_.config,
-        Target("local"),
-        plan_.objective,
-        plan_.mesh,
-        plan_.layout,
-        plan_.packing["segments_per_row"],
-    )
+    setup = Setup(plan_, Target("local"))
     batch = abstract_batch(
         plan_.objective, plan_.layout, plan_.seq_len, setup.segments_per_row, plan_.mesh
     )

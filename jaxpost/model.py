@@ -112,12 +112,12 @@ class Config:
             raise ValueError("Invalid model config (config.model): " + "; ".join(problems))
 
 
-def resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str, backend: str | None = None) -> str:
     """A compute dtype name; "auto" is bfloat16 on accelerators (GPU, TPU) and float32 on CPU,
-    where bfloat16 matmuls are slow."""
+    where bfloat16 matmuls are slow. `backend` defaults to this process's."""
     if dtype != "auto":
         return dtype
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 ROPE_SCALINGS = ("", "linear", "llama3")

@@ -53,11 +53,20 @@ class Plan:
         return int(self.config.data.seq_len)
 
 
-def make_plan(config: ml_collections.ConfigDict, *, training: bool = True) -> Plan:
+def make_plan(
+    config: ml_collections.ConfigDict,
+    *,
+    training: bool = True,
+    devices: list | None = None,
+    backend: str | None = None,
+) -> Plan:
     """Check and resolve `config` into a `Plan`; every error a user can cause is raised here.
-    `training=False` (evaluation) skips what only training needs: the train batch layout."""
+    `training=False` (evaluation) skips what only training needs: the train batch layout.
+    `devices`/`backend` plan for other devices than this process's (`jaxpost plan --topology`:
+    a TPU slice's abstract devices, `backend="tpu"`); default: `jax.devices()`, its backend."""
     config_lib.check_config(config)
-    config = resolve_logits_chunk(resolve_dtype(resolve_hf_dir(config)))
+    config = resolve_hf_dir(config)
+    config = resolve_logits_chunk(resolve_dtype(config, backend), backend)
     model_config = model_lib.Config(**config.model)
     packing = packing_settings(config)
     objective = objectives.make_objective(
@@ -70,7 +79,12 @@ def make_plan(config: ml_collections.ConfigDict, *, training: bool = True) -> Pl
                 f"config.init.hf_dir={config.init.hf_dir!r} is a reward model (sequence "
                 f"classifier); objective {objective.name!r} needs a causal LM"
             )
-    mesh = sharding.make_mesh(config.mesh)
+    try:
+        mesh = sharding.make_mesh(config.mesh, devices)
+    except NotImplementedError as e:  # jax.make_mesh: axes that split a torus dimension
+        raise ValueError(
+            f"config.mesh {dict(config.mesh)} does not map onto the devices: {e}"
+        ) from None
     sharding.check_model_fits_mesh(model_config, mesh)
     check_eval_batch(config, mesh)
     layout = batch_layout(config, mesh) if training else None
@@ -120,14 +134,16 @@ def resolve_hf_dir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
-def resolve_dtype(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`model.dtype="auto"` made concrete (bfloat16 compute on accelerators, float32 on CPU;
-    params stay in `model.param_dtype`, float32 by default: float32 master weights), so that
-    WORKDIR/config.json records what ran."""
+def resolve_dtype(
+    config: ml_collections.ConfigDict, backend: str | None = None
+) -> ml_collections.ConfigDict:
+    """`model.dtype="auto"` made concrete for `backend` (default: this process's): bfloat16
+    compute on accelerators, float32 on CPU; params stay in `model.param_dtype`, float32 by
+    default (float32 master weights), so that WORKDIR/config.json records what ran."""
     if config.model.dtype != "auto":
         return config
     config = config.copy_and_resolve_references()
-    config.model.dtype = model_lib.resolve_dtype("auto")
+    config.model.dtype = model_lib.resolve_dtype("auto", backend)
     return config
 
 

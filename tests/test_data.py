@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxpost.data import pipeline, records, sources
+from jaxpost.data import builtin, pipeline, records, sources
 from jaxpost.data.tokenizer import ASSISTANT, BOS, END, EOS, USER, ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -149,8 +149,8 @@ def test_eval_batches_cover_every_example_once():
 
 def test_builtin_eval_split_is_held_out():
     for task in ("arithmetic", "reverse", "sort", "sort_prefs", "reverse_prefs"):
-        train = {json.dumps(r) for r in sources.BUILTIN_TASKS[task]("train")}
-        held = [json.dumps(r) for r in sources.BUILTIN_TASKS[task]("eval")]
+        train = {json.dumps(r) for r in builtin.BUILTIN_TASKS[task]("train")}
+        held = [json.dumps(r) for r in builtin.BUILTIN_TASKS[task]("eval")]
         assert held and not train & set(held)
 
 

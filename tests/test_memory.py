@@ -213,7 +213,9 @@ def test_smoke_step_compiles_for_a_tpu_slice():
 )
 def test_fsdp_on_64_chips_gathers_weights_and_reduce_scatters_gradients():
     pytest.importorskip("libtpu")
-    config = _config(**{"mesh.data": 1, "mesh.fsdp": -1, "train.global_batch": 64})
+    config = _config(
+        **{"mesh.data": 1, "mesh.fsdp": -1, "train.global_batch": 64, "eval.batch_size": 64}
+    )
     _, report = memory.compile_step(memory.make_setup(config, memory.parse_target("v5p-128")))
     assert report.collectives.get("all-gather", 0) > 0
     assert report.collectives.get("reduce-scatter", 0) > 0
