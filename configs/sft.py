@@ -44,3 +44,10 @@ def get_config(arg=None):
     else:
         raise ValueError(f"configs/sft.py has variants None, 'smoke', 'bench-tiny'; not {arg!r}")
     return c
+
+
+def get_sweep(arg=None):
+    """Override dicts, one per point (`jaxpost sweep --config=configs/sft.py:smoke`)."""
+    if arg == "smoke":
+        return [{"optim.lr": lr} for lr in (1e-3, 3e-3)]
+    return []

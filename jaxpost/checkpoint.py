@@ -9,8 +9,10 @@ the last good checkpoint.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import types
 from typing import Any
 
 import grain
@@ -28,14 +30,47 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+class _EveryMinutes(ocp.checkpoint_managers.ContinuousCheckpointingPolicy):
+    """orbax's time-based policy, its clock starting when this run started (not at a checkpoint
+    an earlier run wrote, which would make a resumed run save at once). The decision is made on
+    the primary process and shared, so every process saves the same steps."""
+
+    def __init__(self, minutes: float, started: datetime.datetime):
+        super().__init__(minimum_interval_secs=max(1, round(60 * minutes)))
+        self.started = started
+
+    def should_save(self, step, previous_steps, *, context):
+        latest = previous_steps[-1] if previous_steps else None
+        if latest is None or latest.time < self.started:
+            latest = types.SimpleNamespace(step=step.step, time=self.started, metrics=None)
+        return super().should_save(step, [latest], context=context)
+
+
 def make_manager(
-    workdir: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+    workdir: str,
+    *,
+    keep: int = 2,
+    async_save: bool = True,
+    read_only: bool = False,
+    every_steps: int = 0,
+    every_minutes: float = 0.0,
 ) -> ocp.CheckpointManager:
+    """The workdir's checkpoint manager. `manager.should_save(step)` is orbax's save decision:
+    every `every_steps` steps, or when `every_minutes` have passed since this run started or
+    last saved (either 0: off). Temporary directories a killed save left are removed here."""
+    policies = []
+    if every_steps > 0:
+        policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every_steps))
+    if every_minutes > 0:
+        started = datetime.datetime.now(tz=datetime.UTC)
+        policies.append(_EveryMinutes(every_minutes, started))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
     )
     return ocp.CheckpointManager(
         checkpoint_dir(workdir),

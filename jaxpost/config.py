@@ -107,7 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
         sample_prompts="",
         sample_max_tokens=48,
     )
-    c.checkpoint = dict(every_steps=50, keep=2, async_save=True)  # every_steps=0: only at end
+    c.checkpoint = dict(
+        every_steps=50,  # 0: only at the end (and on a stop request)
+        every_minutes=30.0,  # also when this long has passed since the last save; 0: off
+        keep=2,
+        async_save=True,
+    )
     c.log = dict(
         every_steps=10,
         peak_flops_per_device=0.0,  # 0 = look up the device kind (CPU: measured at start)

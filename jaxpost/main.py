@@ -111,6 +111,22 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--gguf", required=True, help="a Llama-architecture .gguf file")
     conv.add_argument("--out", required=True, help="directory to create")
     conv.add_argument("--overwrite", action="store_true")
+    sw = sub.add_parser(
+        "sweep",
+        help="run a config file's get_sweep(arg) points (resumable) and compare them",
+        epilog="Any --config.SECTION.KEY=VALUE applies to every point.",
+    )
+    sw.add_argument("--config", required=True, help="path/to/config.py[:arg] with get_sweep(arg)")
+    sw.add_argument("--root", required=True, help="parent directory of the points' workdirs")
+    sw.add_argument("--dry_run", action="store_true", help="print each point's command only")
+    sw.add_argument(
+        "--launch",
+        default="",
+        help="run each point as a job: this command prefix ({name}, {workdir} filled in), "
+        "then the point's train arguments",
+    )
+    sw.add_argument("--metric", default="eval/loss", help="the metric that names the best point")
+    sw.add_argument("--mode", default="min", choices=("min", "max"))
     demo = sub.add_parser("demo", help="the built-in SFT -> RM -> DPO demo")
     demo.add_argument("--workdir", default="runs/demo", help="where the three runs go")
     return parser
@@ -176,6 +192,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for prompt, reply in zip(prompts, replies, strict=True):
             print(f">>> {prompt}\n{reply}\n")
         return {"replies": replies}
+    if args.command == "sweep":
+        from jaxpost import sweep
+
+        return sweep.sweep(
+            args.config,
+            args.root,
+            fixed=overrides,
+            dry_run=args.dry_run,
+            launch=args.launch,
+            metric=args.metric,
+            mode=args.mode,
+        )
     if args.command == "demo":
         if overrides:
             raise ValueError("jaxpost demo takes no --config overrides")
@@ -269,19 +297,27 @@ def _before_after(before: dict, after: dict, start: int, end: int) -> str:
 
 
 def run() -> None:
-    """Console entry point: user errors print one clear line, not a traceback."""
+    """Console entry point: user errors print one clear line, not a traceback; a stop request
+    (SIGTERM) exits with status 75 after saving what a run can save."""
+    from jaxpost.preemption import PREEMPTED_EXIT, Preempted, stop_at_once_on_sigterm
+
+    stop_at_once_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax").setLevel(logging.WARNING)
-    from jaxpost.data.records import DataError
-    from jaxpost.train import NonFiniteLossError
-
     try:
-        main()
-    except (*_USAGE_ERRORS, DataError, NonFiniteLossError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"jaxpost: error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        from jaxpost.data.records import DataError
+        from jaxpost.train import NonFiniteLossError
+
+        try:
+            main()
+        except (*_USAGE_ERRORS, DataError, NonFiniteLossError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"jaxpost: error: {msg}", file=sys.stderr)
+            sys.exit(2)
+    except Preempted as e:
+        print(f"jaxpost: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

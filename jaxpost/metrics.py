@@ -12,7 +12,6 @@ FLOPs follow `model.flops_per_token` (6N + attention, PaLM convention) and `peak
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -86,44 +85,78 @@ def format_eta(seconds: float) -> str:
 class MetricWriter:
     """Appends to WORKDIR/metrics.jsonl and TensorBoard events; silent on non-zero processes.
 
+    `start` is the step the run starts from (0, or the checkpoint it resumed): rows a killed run
+    wrote after it -- steps that are now redone -- are dropped (as is a row cut off mid-write),
+    and a row at `start` is not written twice, so metrics.jsonl never holds a step twice.
+    TensorBoard drops them too (`purge_step`).
+
     A remote workdir (`gs://...`) gets metrics.jsonl rewritten whole at most every 30 s and at
-    close (object stores cannot append), and TensorBoard events in a local temporary directory
-    (logged at start).
+    close (object stores cannot append), and TensorBoard events written locally and copied to
+    WORKDIR/tensorboard at the same moments.
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(
+        self, workdir: str, *, tensorboard: bool = True, enabled: bool = True, start: int = 0
+    ):
         self._enabled = enabled
         self._jsonl = None
         self._remote = None
         self._rows: list[str] = []
         self._last_flush = time.monotonic()
-        self._tb = None
+        self._tb = self._tb_local = self._tb_remote = None
+        self._start_keys: set[str] = set()  # keys already on record at step `start`
+        self.redone: int | None = None  # the last step a killed run logged beyond `start`
+        self._start = start
         if not enabled:
             return
+        path = epath.Path(workdir) / "metrics.jsonl"
+        self._rows = self._kept_rows(path, start) if path.exists() else []
         if "://" in workdir:
-            self._remote = epath.Path(workdir) / "metrics.jsonl"
-            if self._remote.exists():
-                self._rows = self._remote.read_text().splitlines()
-            tb_dir = tempfile.mkdtemp(prefix="jaxpost-tensorboard-")
-            logging.getLogger("jaxpost").warning("TensorBoard events go to %s", tb_dir)
+            self._remote = path
+            self._tb_local = tempfile.mkdtemp(prefix="jaxpost-tensorboard-")
+            self._tb_remote = epath.Path(workdir) / "tensorboard"
+            tb_dir = self._tb_local
         else:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            tmp = path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(r + "\n" for r in self._rows))
+            os.replace(tmp, path)  # never a moment without the kept rows
+            self._jsonl = open(path, "a")
+            self._rows = []
             tb_dir = os.path.join(workdir, "tensorboard")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(tb_dir)
+            self._tb = SummaryWriter(tb_dir, purge_step=start + 1 if start else None)
+
+    def _kept_rows(self, path: epath.Path, start: int) -> list[str]:
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                step = int(json.loads(line)["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # cut off by a kill mid-write
+            if start and step <= start:
+                kept.append(line)
+                if step == start:
+                    self._start_keys.update(json.loads(line))
+            else:
+                self.redone = max(self.redone or 0, step)
+        return kept
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self._enabled:
             return
+        if self._start_keys and step == self._start:
+            scalars = {k: v for k, v in scalars.items() if k not in self._start_keys}
+            if not scalars:
+                return
         record = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
         if self._remote is not None:
             self._rows.append(record)
             # Object stores cannot append and limit writes per object: rewrite at most every
             # 30 s (and at close).
             if time.monotonic() - self._last_flush > 30:
-                self._flush_remote()
+                self.flush()
         else:
             self._jsonl.write(record + "\n")
             self._jsonl.flush()
@@ -131,17 +164,30 @@ class MetricWriter:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), int(step))
 
-    def _flush_remote(self) -> None:
-        self._remote.write_text("\n".join(self._rows) + "\n")
+    def flush(self) -> None:
+        """Everything written so far on disk (in the workdir, remote ones included)."""
+        if not self._enabled:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        if self._remote is not None:
+            self._remote.write_text("".join(r + "\n" for r in self._rows))
+            if self._tb_local is not None:
+                self._tb_remote.mkdir(parents=True, exist_ok=True)
+                for f in os.listdir(self._tb_local):
+                    src = epath.Path(self._tb_local) / f
+                    src.copy(self._tb_remote / f, overwrite=True)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        if self._remote is not None and self._rows:
-            self._flush_remote()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        if not self._enabled:
+            return
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        self.flush()
+        if self._jsonl is not None:
+            self._jsonl.close()
 
 
 class Throughput:

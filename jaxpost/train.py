@@ -22,7 +22,7 @@ import ml_collections
 from etils import epath
 
 from jaxpost import checkpoint as ckpt
-from jaxpost import evaluation, memory, optim, sharding
+from jaxpost import evaluation, memory, optim, preemption, sharding
 from jaxpost import metrics as metrics_lib
 from jaxpost import model as model_lib
 from jaxpost import plan as plan_lib
@@ -56,7 +56,19 @@ def _data_scalars(data) -> dict[str, int]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run (or resume) training; returns a summary with eval metrics before and after."""
+    """Run (or resume) training; returns a summary with eval metrics before and after.
+    Raises `preemption.Preempted` after saving a checkpoint when asked to stop (SIGTERM, a
+    Cloud TPU preemption notice); running it again resumes."""
+    stop = preemption.StopSignal()  # before the loop a stop request ends the run at once
+    try:
+        return _train(config, workdir, stop)
+    finally:
+        stop.close()
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, stop: preemption.StopSignal
+) -> dict[str, Any]:
     # --- Setup: config, mesh, batch layout, model, workdirs -- before reading data or compiling.
     plan = plan_lib.make_plan(config)
     config, objective, mesh, layout = plan.config, plan.objective, plan.mesh, plan.layout
@@ -76,7 +88,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     schedule = optim.make_schedule(config.optim, num_steps)
     peak, peak_source = metrics_lib.peak_flops(float(config.log.peak_flops_per_device))
     manager = ckpt.make_manager(
-        workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save)
+        workdir,
+        keep=int(config.checkpoint.keep),
+        async_save=bool(config.checkpoint.async_save),
+        every_steps=int(config.checkpoint.every_steps),
+        every_minutes=float(config.checkpoint.every_minutes),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, state_shardings = step_lib.create_state(
@@ -103,7 +119,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             target = step_lib.abstract_state(state_shardings, objective.model, tx, seq_len=seq_len)
             del state
             state, data_iter = ckpt.restore(manager, target, data_iter)
-            log.info("resumed from %s at step %d", ckpt.checkpoint_dir(workdir), int(state.step))
+            stopped = preemption.pop_stop(workdir) if jax.process_index() == 0 else None
+            why = (
+                f"the previous run stopped there on {stopped['reason']}"
+                if stopped and stopped.get("step") == int(state.step)
+                else "its latest complete checkpoint"
+            )
+            log.info(
+                "resumed at step %d from %s (%s)",
+                int(state.step),
+                ckpt.checkpoint_dir(workdir),
+                why,
+            )
         eval_batches = plan_lib.eval_batches(plan, data.eval)
         log.info(
             "%s: %s parameters; mesh %s over %d devices (%s); MFU divides by %.3g FLOP/s (%s)",
@@ -135,12 +162,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # --- Loop: step N+1 is dispatched before step N's metrics are fetched (one lagged
         # host sync per step); every step's metrics are checked before any later save.
         is_main = jax.process_index() == 0
-        writer = metrics_lib.MetricWriter(
-            workdir, tensorboard=bool(config.log.tensorboard), enabled=is_main
-        )
-        every = {k: int(config[k].every_steps) for k in ("log", "eval", "checkpoint")}
-        meter = metrics_lib.Throughput(objective.flops_per_row(seq_len) * layout.global_batch, peak)
         start = int(jax.device_get(state.step))
+        writer = metrics_lib.MetricWriter(
+            workdir, tensorboard=bool(config.log.tensorboard), enabled=is_main, start=start
+        )
+        if writer.redone is not None:
+            log.info(
+                "metrics of steps %d..%d (not in a checkpoint) dropped: they are redone",
+                start + 1,
+                writer.redone,
+            )
+        every = {k: int(config[k].every_steps) for k in ("log", "eval")}
+        meter = metrics_lib.Throughput(objective.flops_per_row(seq_len) * layout.global_batch, peak)
         summary: dict[str, Any] = {"start_step": start}
         last: dict[str, float] = {}
 
@@ -179,25 +212,44 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 meter.restart()
 
         try:
-            writer.write(start, _data_scalars(data))  # what loading kept, cut and skipped
-            summary["eval_before"] = run_eval(start) if start == 0 else {}
+            summary["eval_before"] = {}
+            if start == 0:  # (a resumed run has them on record)
+                writer.write(start, _data_scalars(data))  # what loading kept, cut and skipped
+                summary["eval_before"] = run_eval(start)
             t_start, pending = time.perf_counter(), None  # pending: (step, device metrics)
+            stop.deferred = True  # from here a stop request saves the step it is at, then stops
             for step in range(start + 1, num_steps + 1):
                 batch = sharding.to_global(next(data_iter), mesh)
                 state, device_metrics = train_step(state, batch, frozen)
                 if pending is not None:
                     record(*pending)  # step N-1's metrics, fetched while step N runs
                 pending = (step, device_metrics)
-                # (the last step's eval and save come after the loop)
-                eval_now = every["eval"] and step % every["eval"] == 0
-                save_now = every["checkpoint"] and step % every["checkpoint"] == 0
-                if (eval_now or save_now) and step != num_steps:
+                stop_now = stop.reached(step)  # every process agrees (one step for all)
+                # (the last step's eval and save come after the loop, unless stopping)
+                last_step = step == num_steps
+                eval_now = every["eval"] and step % every["eval"] == 0 and not last_step
+                save_now = stop_now or (not last_step and manager.should_save(step))
+                if eval_now or save_now:
                     record(*pending)  # never evaluate or save a state whose loss was not finite
                     pending = None
+                    if save_now and stop_now:  # the checkpoint first: the time left is short
+                        ckpt.save(manager, state, data_iter, force=True)
                     if eval_now:
                         run_eval(step)
-                    if save_now:
-                        ckpt.save(manager, state, data_iter)
+                    if save_now and not stop_now:
+                        ckpt.save(manager, state, data_iter, force=True)
+                    if stop_now:
+                        manager.wait_until_finished()
+                        writer.flush()
+                        if is_main:
+                            preemption.write_stop(workdir, step, stop.reason)
+                        log.warning(
+                            "stopped on %s: step %d saved in %s; rerun the same command to resume",
+                            stop.reason,
+                            step,
+                            ckpt.checkpoint_dir(workdir),
+                        )
+                        raise preemption.Preempted(stop.reason, step)
                     meter.restart()
             if pending is not None:
                 record(*pending)

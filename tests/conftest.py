@@ -16,6 +16,24 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
+
+def _repair_compilation_cache(path: str) -> None:
+    """Drop entries a killed process left half-written (a `-cache` file without its `-atime`):
+    jax's cache eviction fails on them, and with it every later write to the cache."""
+    try:
+        names = set(os.listdir(path))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith("-cache") and name[: -len("-cache")] + "-atime" not in names:
+            try:
+                os.remove(os.path.join(path, name))
+            except FileNotFoundError:
+                pass
+
+
+_repair_compilation_cache(os.environ["JAX_COMPILATION_CACHE_DIR"])
+
 import pathlib  # noqa: E402
 import socket  # noqa: E402
 

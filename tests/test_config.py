@@ -42,14 +42,18 @@ def test_every_config_and_variant_builds(path):
                 config_lib.apply_overrides(config, [f"{k}={v}" for k, v in point.items()])
 
 
-def test_sweep_tool_expands_points_into_runs(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import sweep
+def test_sweep_expands_points_into_checked_runs(tmp_path):
+    from jaxpost import sweep
 
-    runs = sweep.expand(f"{REPO}/configs/dpo.py:smoke", str(tmp_path), ["train.num_steps=1"])
-    assert [w.rsplit("/", 1)[1] for w, _ in runs] == ["loss_type=sigmoid", "loss_type=hinge"]
-    assert "--config.train.num_steps=1" in runs[0][1]
-    assert "--config.objective.loss_type=hinge" in runs[1][1]
+    points = sweep.expand(f"{REPO}/configs/dpo.py:smoke", str(tmp_path), ["train.num_steps=1"])
+    assert [p.name for p in points] == ["loss_type=sigmoid", "loss_type=hinge"]
+    assert "--config.train.num_steps=1" in points[0].argv and points[0].num_steps == 1
+    assert "--config.objective.loss_type=hinge" in points[1].argv
+    assert points[1].workdir == f"{tmp_path}/loss_type=hinge"
+    with pytest.raises(ValueError, match="sweep point 0 .*no such config key"):
+        sweep.expand(f"{REPO}/configs/dpo.py:smoke", str(tmp_path), ["train.num_step=1"])
+    with pytest.raises(ValueError, match="defines no get_sweep"):
+        sweep.expand(f"{REPO}/configs/rm.py:smoke", str(tmp_path))
 
 
 def test_unknown_override_key_suggests_the_right_one():
