@@ -8,7 +8,7 @@ Variants:
            0.66 exact match), RPO keeps it (0.775 -> 0.79).
   smoke    tiny and fast, from scratch (the reference is the initial policy), for tests.
   loss_types  the demo's DPO stage (from runs/demo/sft, so after `make demo`) for a sweep over
-           loss types and beta: python tools/sweep.py configs/dpo.py:loss_types --root=runs/sweep
+           loss types and beta: jaxpost sweep --config=configs/dpo.py:loss_types --root=runs/sweep
 Usage: jaxpost train --config=configs/dpo.py:smoke --workdir=/tmp/dpo \\
          [--config.objective.loss_type=ipo --config.objective.beta=0.5]
 """
@@ -56,7 +56,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    """Override dicts, one per run (tools/sweep.py expands them)."""
+    """Override dicts, one per run (`jaxpost sweep` runs them)."""
     if arg == "loss_types":
         return [
             {"objective.loss_type": t, "objective.beta": b}

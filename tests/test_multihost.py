@@ -3,6 +3,7 @@ process with 8 devices, per-process data shares and iterator files; a missing pe
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["sft", "dpo"])  # dpo: the precomputed reference too
+@pytest.mark.parametrize("config", ["dpo"])  # the loop, and the precomputed reference too
 def test_two_processes_match_one_process(tmp_path, config):
     single = tmp_path / "single"
     subprocess.run(
@@ -98,6 +99,49 @@ def test_two_processes_match_one_process(tmp_path, config):
     pa, pb = ckpt.load_params(str(single)), ckpt.load_params(str(multi))
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+def _start_two(workdir, extra=()):
+    port = free_port()
+    flags = ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+    return [
+        subprocess.Popen(
+            _cli(workdir, [*flags, f"--process_id={i}", "--init_timeout=60", *extra]),
+            env=cpu_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step_and_the_rerun_resumes(
+    tmp_path,
+):
+    """JAX's preemption sync: the notice reaches one host; every host saves the same step and
+    exits 75 (none waits in a collective for one that left); the same command resumes."""
+    long = ["--config.train.num_steps=500", "--config.checkpoint.every_steps=0"]
+    procs = _start_two(tmp_path, long)
+    lines = []
+    for line in procs[0].stdout:  # process 0 logs the steps
+        lines.append(line)
+        if "step 3/500" in line:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = ["".join(lines) + procs[0].communicate(timeout=120)[0], procs[1].communicate(120)[0]]
+    assert [p.returncode for p in procs] == [75, 75], outs[0][-2000:] + outs[1][-2000:]
+    stop = json.loads((tmp_path / "stop.json").read_text())
+    assert "preemption notice" in stop["reason"] and 3 <= stop["step"] < 500
+    assert ckpt.saved_steps(str(tmp_path)) == [stop["step"]]
+
+    procs = _start_two(tmp_path, ["--config.train.num_steps=" + str(stop["step"] + 2)])
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    assert f"resumed at step {stop['step']}" in outs[0] and "stopped there on" in outs[0]
+    assert ckpt.saved_steps(str(tmp_path))[-1] == stop["step"] + 2
+    assert not (tmp_path / "stop.json").exists()
 
 
 def test_a_missing_peer_fails_instead_of_hanging(tmp_path):

@@ -173,3 +173,28 @@ def test_a_run_trains_from_a_prepared_dataset_like_from_its_records(tmp_path):
         losses.append(summary["last_train_metrics"]["loss"])
         assert summary["train_data"]["records"] == 64
     assert losses[0] == losses[1]
+
+
+def test_malformed_json_and_invalid_utf8_lines_are_skipped_and_counted_when_asked(tmp_path):
+    """Under data.skip_invalid a broken line is one more invalid record, in a run's raw data
+    and in `data prepare`; without it, the error names the file and line."""
+    path = tmp_path / "broken.jsonl"
+    good = [json.dumps(r) for r in _chats(4)]
+    path.write_bytes(
+        "\n".join([good[0], '{"messages": [', good[1]]).encode()
+        + b'\n{"text": "caf\xe9"}\n'
+        + "\n".join(good[2:]).encode()
+        + b"\n"
+    )
+    with pytest.raises(records.DataError, match=rf"{path}:2: malformed JSON"):
+        pipeline.load_sft_examples(str(path), "train", TOK, seq_len=64)
+    examples, stats = pipeline.load_sft_examples(
+        str(path), "train", TOK, seq_len=64, skip_invalid=True
+    )
+    assert len(examples) == 4 and stats.records == 6 and stats.skipped == 2
+    reasons = " ".join(stats.skip_reasons)
+    assert "malformed JSON" in reasons and "invalid UTF-8" in reasons
+    manifest = prepared.prepare(
+        [str(path)], str(tmp_path / "p"), BYTE, workers=1, skip_invalid=True
+    )
+    assert manifest["skipped"] == 2 and manifest["splits"]["train"]["records"] == 4
