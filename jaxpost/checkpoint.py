@@ -1,21 +1,22 @@
 """Checkpoints under WORKDIR/checkpoints: {params, optimizer state, data iterator} per step.
 
 Each step directory holds three orbax items: `params` (the model pytree, loadable alone with
-`load_params`), `train` (step, optimizer state, rng) and `data` (grain iterator position, one file
-per process). Saves are asynchronous and atomic (orbax writes to a temporary directory and renames),
-and older steps are deleted only after a newer one is complete, so an interrupted run never loses
-the last good checkpoint.
+`load_params`), `train` (step, optimizer state, rng) and `data` (the grain iterators' positions,
+one file per data shard: `ShardStates`). Saves are asynchronous and atomic (orbax writes to a
+temporary directory and renames), and older steps are deleted only after a newer one is
+complete, so an interrupted run never loses the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import logging
 import os
 import types
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -44,6 +45,64 @@ class _EveryMinutes(ocp.checkpoint_managers.ContinuousCheckpointingPolicy):
         if latest is None or latest.time < self.started:
             latest = types.SimpleNamespace(step=step.step, time=self.started, metrics=None)
         return super().should_save(step, [latest], context=context)
+
+
+class ShardStates:
+    """Orbax handler for a `pipeline.ShardedIterator`'s position: each process writes one file
+    per data shard it holds (`shard_{s}-of-{S}.json`) and reads the files of the shards it holds
+    now, so a checkpoint written by 8 processes resumes on 4 or 1. Checkpoints from before shards
+    (`process_{i}-of-{n}.json`, grain's handler: one shard per process) read the same way."""
+
+    def save(self, directory: epath.Path, item=None, args=None):
+        item = item or args.item
+        for s, state in item.get_state().items():
+            path = directory / f"shard_{s}-of-{item.shards}.json"
+            path.write_text(json.dumps(state, indent=1))
+
+    def restore(self, directory: epath.Path, item=None, args=None):
+        item = item or args.item
+        states = {}
+        for s in item.iterators:
+            path = directory / f"shard_{s}-of-{item.shards}.json"
+            if not path.exists():
+                path = directory / f"process_{s}-of-{item.shards}.json"
+            if not path.exists():
+                found = sorted(p.name for p in directory.iterdir())
+                raise FileNotFoundError(
+                    f"{directory} holds no position for data shard {s} of {item.shards} "
+                    f"(it has {found})"
+                )
+            states[s] = json.loads(path.read_text())
+        item.set_state(states)
+        return item
+
+    def structure(self, directory):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+    @classmethod
+    def typestr(cls):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(ShardStates, for_save=True)
+@dataclasses.dataclass
+class ShardStatesSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(ShardStates, for_restore=True)
+@dataclasses.dataclass
+class ShardStatesRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 def make_manager(
@@ -78,7 +137,7 @@ def make_manager(
         item_handlers={
             "params": ocp.StandardCheckpointHandler(),
             "train": ocp.StandardCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data": ShardStates(),
         },
     )
 
@@ -95,7 +154,7 @@ def save(manager: ocp.CheckpointManager, state, data_iterator, *, force: bool = 
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             train=ocp.args.StandardSave(train),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            data=ShardStatesSave(data_iterator),
         ),
         force=force,
     )
@@ -111,7 +170,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iterator, step:
         args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params),
             train=ocp.args.StandardRestore(train),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            data=ShardStatesRestore(data_iterator),
         ),
     )
     t = restored["train"]

@@ -277,20 +277,31 @@ def load_data(plan: Plan, *, train: bool = True) -> pipeline.RunData:
     return data
 
 
-def train_iterator(plan: Plan, data: pipeline.RunData):
-    """This process's endless, checkpointable iterator of `[accum, micro_batch, ...]` batches."""
-    return pipeline.make_train_iterator(
-        data.train,
-        mixture_weights=data.weights,
-        **plan.packing,
-        kind=plan.objective.data_kind,
-        seq_len=plan.seq_len,
-        micro_batch=plan.layout.local_micro_batch,
-        accum_steps=plan.layout.accum_steps,
-        seed=int(plan.config.seed),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        num_workers=int(plan.config.data.num_workers),
+def train_iterator(plan: Plan, data: pipeline.RunData, shards: int | None = None):
+    """This process's endless, checkpointable iterator of `[accum, micro_batch, ...]` batches:
+    its block of the run's `shards` data shards (default: one per process), their rows side by
+    side (`pipeline.ShardedIterator`)."""
+    n, i = jax.process_count(), jax.process_index()
+    shards = shards or n
+    per_process = shards // n
+    return pipeline.ShardedIterator(
+        {
+            s: pipeline.make_train_iterator(
+                data.train,
+                mixture_weights=data.weights,
+                **plan.packing,
+                kind=plan.objective.data_kind,
+                seq_len=plan.seq_len,
+                micro_batch=plan.layout.micro_batch // shards,
+                accum_steps=plan.layout.accum_steps,
+                seed=int(plan.config.seed),
+                process_index=s,
+                process_count=shards,
+                num_workers=int(plan.config.data.num_workers),
+            )
+            for s in range(i * per_process, (i + 1) * per_process)
+        },
+        shards,
     )
 
 

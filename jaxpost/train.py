@@ -76,11 +76,12 @@ def _train(
     workdir_lib.check_init_workdir(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     workdir_lib.check_resume(workdir, config, objective.data_kind)
+    shards = workdir_lib.data_shards(workdir, config, layout.micro_batch)
     sampler = evaluation.make_sampler(plan, workdir)
 
     # --- Data: every record read, validated and tokenised now, so bad data stops the run here.
     data = plan_lib.load_data(plan)
-    workdir_lib.write_config(workdir, config, objective.data_kind)
+    workdir_lib.write_config(workdir, config, objective.data_kind, shards)
 
     # --- State: born sharded; the objective's initial params, frozen part, one-time preparation;
     # or everything (data position included) from the workdir's last checkpoint.
@@ -114,7 +115,7 @@ def _train(
                 seq_len=seq_len,
                 batch_size=int(config.eval.batch_size),
             )
-        data_iter = plan_lib.train_iterator(plan, data)
+        data_iter = plan_lib.train_iterator(plan, data, shards)
         if resuming:
             target = step_lib.abstract_state(state_shardings, objective.model, tx, seq_len=seq_len)
             del state

@@ -102,9 +102,6 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, data_kind: str
                 f"reads {data_kind} rows. Use a new --workdir (init.workdir can start from it)."
             )
         problems.append(f"row layout: {saved_kind} there, {data_kind} here")
-    saved_procs = saved.get("_process_count", jax.process_count())
-    if saved_procs != jax.process_count():
-        problems.append(f"process count: {saved_procs} there, {jax.process_count()} here")
     if problems:
         kind = "a different model" if problems[0].startswith("model.") else "a different run"
         raise ValueError(
@@ -121,13 +118,40 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, data_kind: str
         )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict, data_kind: str) -> None:
+def data_shards(workdir: str, config: ml_collections.ConfigDict, micro_batch: int) -> int:
+    """How many data shards the run's batches come from: the number of processes of the run
+    that started the workdir (recorded in config.json), whatever the number now. Process `i` of
+    `n` reads shards `[i*S/n, (i+1)*S/n)`, so a resume with 8, 4, 2 or 1 processes reads the
+    same global batches from the same positions."""
+    path = epath.Path(workdir) / "config.json"
+    saved = json.loads(path.read_text()) if path.exists() and ckpt.saved_steps(workdir) else {}
+    # (`_process_count`: workdirs written before shards were recorded: one shard per process)
+    shards = int(saved.get("_data_shards", saved.get("_process_count", jax.process_count())))
+    n = jax.process_count()
+    if shards % n:
+        raise ValueError(
+            f"{workdir} was started with {shards} process(es), so its data position is {shards} "
+            f"shard(s), which {n} processes cannot split evenly; resume with a number of "
+            f"processes that divides {shards}."
+        )
+    if micro_batch % shards:
+        raise ValueError(
+            f"The micro-batch of {micro_batch} rows (train.global_batch / train.accum_steps) "
+            f"does not split over the {shards} data shards of {workdir}."
+        )
+    return shards
+
+
+def write_config(
+    workdir: str, config: ml_collections.ConfigDict, data_kind: str, shards: int | None = None
+) -> None:
     """WORKDIR/config.json (atomically, from process 0): what `jaxpost export`/`sample` and a
     resumed run read back."""
     if jax.process_index() != 0:
         return
     record = config.to_dict()
-    record["_process_count"] = jax.process_count()  # checked on resume
+    record["_process_count"] = jax.process_count()  # for information
+    record["_data_shards"] = shards or jax.process_count()  # kept across resumes
     record["_data_kind"] = data_kind  # the row layout, checked on resume
     path = epath.Path(workdir) / "config.json"
     tmp = epath.Path(workdir) / "config.json.tmp"

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import smoke_config
+from etils import epath
 
 from jaxpost import checkpoint as ckpt
 from jaxpost import model as model_lib
@@ -28,9 +29,10 @@ def test_round_trip_restores_state_and_data_position(tmp_path):
     )
 
     def iterator():
-        return pipeline.make_train_iterator(
+        it = pipeline.make_train_iterator(
             examples, seq_len=32, micro_batch=4, accum_steps=1, seed=3
         )
+        return pipeline.ShardedIterator({0: it}, 1)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, shardings = step_lib.create_state(model, tx, mesh, seed=1, seq_len=32)
@@ -96,3 +98,44 @@ def test_resume_after_interruption_is_exact(tmp_path):
 def test_load_params_reports_missing_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoints"):
         ckpt.load_params(str(tmp_path))
+
+
+def test_a_data_position_saved_by_one_process_resumes_on_two_and_back(tmp_path):
+    """Shards, not processes, hold the data position: two shards saved by one process are
+    restored by two processes holding one shard each (and a checkpoint of grain's
+    per-process files, from before shards, restores too)."""
+    examples, _ = pipeline.load_sft_examples(
+        "builtin:arithmetic", "train", ByteTokenizer(), seq_len=32
+    )
+
+    def shard(s, n=2):
+        return pipeline.make_train_iterator(
+            examples, seq_len=32, micro_batch=2, accum_steps=1, seed=3, process_index=s,
+            process_count=n,
+        )  # fmt: skip
+
+    both = pipeline.ShardedIterator({0: shard(0), 1: shard(1)}, 2)
+    for _ in range(3):
+        next(both)
+    handler = ckpt.ShardStates()
+    directory = epath.Path(tmp_path)
+    handler.save(directory, both)
+    assert sorted(p.name for p in directory.iterdir()) == ["shard_0-of-2.json", "shard_1-of-2.json"]
+    want = next(both)  # rows of shard 0, then of shard 1
+    halves = [
+        handler.restore(directory, pipeline.ShardedIterator({s: shard(s)}, 2)) for s in (0, 1)
+    ]
+    got = [next(h) for h in halves]
+    for k in want:
+        np.testing.assert_array_equal(np.concatenate([g[k] for g in got], axis=1), want[k])
+
+    legacy = epath.Path(tmp_path / "legacy")
+    legacy.mkdir()
+    for s in (0, 1):
+        (legacy / f"process_{s}-of-2.json").write_text(
+            (directory / f"shard_{s}-of-2.json").read_text()
+        )
+    again = handler.restore(legacy, pipeline.ShardedIterator({0: shard(0), 1: shard(1)}, 2))
+    np.testing.assert_array_equal(next(again)["inputs"], want["inputs"])
+    with pytest.raises(FileNotFoundError, match="no position for data shard 1 of 4"):
+        handler.restore(directory, pipeline.ShardedIterator({1: shard(1, 4)}, 4))

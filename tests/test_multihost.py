@@ -3,6 +3,7 @@ process with 8 devices, per-process data shares and iterator files; a missing pe
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,10 +78,8 @@ def test_two_processes_match_one_process(tmp_path, config):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
-    data_files = sorted(
-        f for f in os.listdir(multi / "checkpoints" / "4" / "data") if "process" in f
-    )
-    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    data_files = sorted(f for f in os.listdir(multi / "checkpoints" / "4" / "data") if "shard" in f)
+    assert data_files == ["shard_0-of-2.json", "shard_1-of-2.json"]
     # The same global batches (rows in another order): equal losses and parameters up to
     # float32 summation order.
     a, b = _losses(single), _losses(multi)
@@ -99,6 +98,23 @@ def test_two_processes_match_one_process(tmp_path, config):
     pa, pb = ckpt.load_params(str(single)), ckpt.load_params(str(multi))
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+    # The two-process run's step-2 checkpoint resumed by ONE process (8 devices): it reads both
+    # data shards, and steps 3 and 4 are the two-process run's steps 3 and 4.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(multi, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    out = subprocess.run(
+        _cli(resumed, config=config), env=cpu_env(8), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed at step 2" in out.stderr
+    c = _losses(resumed)
+    assert sorted(c) == [1, 2, 3, 4] and c[1] == b[1] and c[2] == b[2]
+    np.testing.assert_allclose([c[3], c[4]], [b[3], b[4]], rtol=1e-6)
+    pc = ckpt.load_params(str(resumed))
+    for x, y in zip(jax.tree.leaves(pb), jax.tree.leaves(pc), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
 
 
 def _start_two(workdir, extra=()):

@@ -90,12 +90,12 @@ class _Run:
         return None
 
 
-def _saving(workdir: Path) -> bool:
-    ckpts = workdir / "checkpoints"
+def _saving(workdir: Path) -> set[str]:
+    """Names of the temporary directories of checkpoints being written."""
     try:
-        return any("tmp" in p.name for p in ckpts.iterdir())
+        return {p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name}
     except FileNotFoundError:
-        return False
+        return set()
 
 
 def _attempt(cmd, env, workdir, kind, duration, rng, log_path, timeout, eval_every):
@@ -107,6 +107,7 @@ def _attempt(cmd, env, workdir, kind, duration, rng, log_path, timeout, eval_eve
     kill_at = run.t0 + rng.uniform(0.05, 0.7) * duration if timed else None
     marker = _MARKERS.get(kind)
     scanned = 0
+    stale = _saving(workdir)  # left by an earlier kill (this run's manager removes them)
     while run.proc.poll() is None:
         now = time.monotonic()
         if now > deadline:
@@ -118,18 +119,21 @@ def _attempt(cmd, env, workdir, kind, duration, rng, log_path, timeout, eval_eve
             # death by signal: that is what SIGKILL tests; wait for the first line of output)
             fire = now >= kill_at and (kind != "term-any" or bool(run.lines))
         elif kind == "save":
-            fire = _saving(workdir)
+            fire = bool(_saving(workdir) - stale)
         elif marker is not None:
             hit = run.seen(marker, scanned)
             scanned = len(run.lines)
+            if hit is None and kind == "reference" and run.seen(_MARKERS["step"], 0) is not None:
+                marker = _MARKERS["step"]  # no reference pass (left): kill after a step
+                continue
             if hit is not None and kind == "eval":
                 step = int(marker.search(run.lines[hit]).group(1))
                 hit = hit if eval_every and step % eval_every == 0 else None
             if hit is not None:
                 time.sleep(rng.uniform(0.0, 0.3))
                 fire = True
-        if kill_at is None and now - run.t0 > duration:
-            kill_at = now + rng.uniform(0.0, 0.5 * duration)  # no such moment: a random time
+        if kill_at is None and now - run.t0 > 0.5 * duration:
+            kill_at = now + rng.uniform(0.0, 0.3 * duration)  # no such moment: a random time
         if fire and run.proc.poll() is None:
             sig = signal.SIGTERM if kind.startswith("term") else signal.SIGKILL
             run.proc.send_signal(sig)

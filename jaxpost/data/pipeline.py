@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -417,6 +418,34 @@ def make_train_iterator(
         _absl_flags_ready()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)
+
+
+class ShardedIterator:
+    """Batches `[accum, micro, ...]` of several data shards side by side (shard order), each
+    shard an iterator from `make_train_iterator(process_index=s, process_count=shards)`.
+    `get_state()` is per shard, so a run's data position does not depend on how many processes
+    hold the shards (`checkpoint.ShardStates` saves and restores it shard by shard)."""
+
+    def __init__(self, iterators: dict[int, Any], shards: int):
+        self.iterators, self.shards = dict(sorted(iterators.items())), shards
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators.values()]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
+
+    def get_state(self) -> dict[int, Any]:
+        return {s: it.get_state() for s, it in self.iterators.items()}
+
+    def set_state(self, states: dict[int, Any]) -> None:
+        for s, it in self.iterators.items():
+            it.set_state(states[s])
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
 
 
 def pack_examples(
