@@ -23,12 +23,23 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+CHECK_MINUTES_EVERY = 10  # steps between two looks at the clock for checkpoint.every_minutes
 
 
 def checkpoint_dir(workdir: str) -> str:
     if "://" in workdir:  # gs://... on Cloud TPU
         return workdir.rstrip("/") + "/" + CHECKPOINT_DIR
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, kept from JAX's preemption sync point: orbax would report checkpoint
+    step numbers to it (from `should_save`, `save` and the thread that finalises an async save)
+    where `preemption.StopSignal` reports its own count of steps; the two would disagree on
+    which step every process stops at. Stop requests are `StopSignal`'s alone."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 class _EveryMinutes(ocp.checkpoint_managers.ContinuousCheckpointingPolicy):
@@ -41,6 +52,10 @@ class _EveryMinutes(ocp.checkpoint_managers.ContinuousCheckpointingPolicy):
         self.started = started
 
     def should_save(self, step, previous_steps, *, context):
+        # Asked at every 10th step only: in a multi-process job each answer is one exchange
+        # through the coordination service (the primary decides, the others read its key).
+        if step.step % CHECK_MINUTES_EVERY:
+            return False
         latest = previous_steps[-1] if previous_steps else None
         if latest is None or latest.time < self.started:
             latest = types.SimpleNamespace(step=step.step, time=self.started, metrics=None)
@@ -131,7 +146,7 @@ def make_manager(
         cleanup_tmp_directories=not read_only,
         save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
     )
-    return ocp.CheckpointManager(
+    return _Manager(
         checkpoint_dir(workdir),
         options=options,
         item_handlers={

@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
         sample_max_tokens=48,
     )
     c.checkpoint = dict(
-        every_steps=50,  # 0: only at the end (and on a stop request)
+        every_steps=50,  # 0: none by step count (still every_minutes, on a stop, at the end)
         every_minutes=30.0,  # also when this long has passed since the last save; 0: off
         keep=2,
         async_save=True,

@@ -13,7 +13,7 @@ import os
 import pathlib
 
 from jaxpost import config as config_lib
-from jaxpost import evaluation
+from jaxpost import evaluation, preemption
 from jaxpost import train as train_lib
 
 log = logging.getLogger("jaxpost")
@@ -95,6 +95,8 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     for stage in ("sft", "rm", "dpo"):
         log.info("=== demo stage %s -> %s", stage, os.path.join(workdir, stage))
         summaries[stage] = train_lib.train(configs[stage], os.path.join(workdir, stage))
+        if summaries[stage].get("stop_requested"):  # finished this stage; stop before the next
+            raise preemption.Preempted(summaries[stage]["stop_requested"])
     # The DPO policy measured on the SFT task's held-out prompts.
     after_dpo = evaluation.evaluate_checkpoint(configs["sft"], os.path.join(workdir, "dpo"))
     s, r, d = summaries["sft"], summaries["rm"], summaries["dpo"]

@@ -126,7 +126,8 @@ class MetricWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(tb_dir, purge_step=start + 1 if start else None)
+            # events of steps after `start` (all of them when starting over) are dropped
+            self._tb = SummaryWriter(tb_dir, purge_step=start + 1 if start else 0)
 
     def _kept_rows(self, path: epath.Path, start: int) -> list[str]:
         kept = []
@@ -142,6 +143,10 @@ class MetricWriter:
             else:
                 self.redone = max(self.redone or 0, step)
         return kept
+
+    def has_at_start(self, key: str) -> bool:
+        """Whether the rows kept at the start step hold `key`."""
+        return key in self._start_keys
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self._enabled:

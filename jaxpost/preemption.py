@@ -38,8 +38,8 @@ class Preempted(BaseException):
 
     def __init__(self, reason: str, step: int | None = None):
         self.reason, self.step = reason, step
-        where = f"after saving step {step}" if step is not None else "before training started"
-        super().__init__(f"stopped on {reason} {where}; rerun the same command to resume")
+        where = f" after saving step {step}" if step is not None else ""
+        super().__init__(f"stopped on {reason}{where}; rerun the same command to resume")
 
 
 def stop_at_once_on_sigterm() -> None:
@@ -47,7 +47,7 @@ def stop_at_once_on_sigterm() -> None:
     `Preempted` wherever the main thread is (imports, setup), which exits with PREEMPTED_EXIT."""
 
     def handler(signum, frame):
-        raise Preempted(signal.Signals(signum).name)
+        raise Preempted(signal.Signals(signum).name)  # (in a run: "before training started")
 
     signal.signal(signal.SIGTERM, handler)
 
@@ -61,15 +61,31 @@ def _jax_sync_manager():
 
 
 class StopSignal:
-    """Installs the stop handling for a run; `close()` restores the previous SIGTERM handler."""
+    """Installs the stop handling for a run; `close()` restores the previous SIGTERM handler.
+
+    With JAX's sync manager, `reached` reports the loop's own count of steps (1, 2, ... in this
+    run), never a global step number: the manager settles on one more than the largest count
+    any process reported, so a notice that came during setup stops every process after the
+    first step of the loop (nothing else may report to it: `checkpoint.make_manager`'s manager
+    does not)."""
 
     def __init__(self):
         self.reason: str | None = None
         self.deferred = False  # False: a signal stops at once (Preempted); True: at a step
         self._previous = None
+        self._count = 0
         self._sync = _jax_sync_manager()
-        if self._sync is None and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if self._sync is None:
+            import jax
+
+            if jax.process_count() > 1:
+                log.warning(
+                    "JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM "
+                    "reaching only some processes stops them alone, and the others wait for "
+                    "them until the job fails"
+                )
+            if threading.current_thread() is threading.main_thread():
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -79,9 +95,11 @@ class StopSignal:
         if not self.deferred:
             raise Preempted(name)
 
-    def reached(self, step: int) -> bool:
-        """Whether the loop should save `step` and stop (call once at every step)."""
-        if self._sync is not None and self._sync.reached_sync_point(step):
+    def reached(self) -> bool:
+        """Whether the loop should save the step it just ran and stop; call once per step, on
+        every process (with JAX's sync manager, every process gets the same answer)."""
+        self._count += 1
+        if self._sync is not None and self._sync.reached_sync_point(self._count):
             self.reason = self.reason or "a preemption notice (all processes at this step)"
         return self.reason is not None
 

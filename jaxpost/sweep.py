@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import traceback
@@ -121,16 +122,32 @@ def read_results(point: Point) -> Point:
 
 def _run_here(point: Point) -> None:
     from jaxpost import main as main_lib
+    from jaxpost.preemption import Preempted
 
-    main_lib.main(point.argv)
+    summary = main_lib.main(point.argv)
+    if summary.get("stop_requested"):  # the point finished; the sweep stops here
+        raise Preempted(summary["stop_requested"])
 
 
 def _run_launched(point: Point, launch: str) -> None:
+    """The point as a job; a stop request (SIGTERM) is passed on to it and waited for."""
+    from jaxpost.preemption import PREEMPTED_EXIT, Preempted
+
     prefix = shlex.split(launch.format(name=point.name, workdir=point.workdir))
-    subprocess.run([*prefix, *point.argv], check=True)
+    proc = subprocess.Popen([*prefix, *point.argv])
+    try:
+        rc = proc.wait()
+    except Preempted:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+    if rc == PREEMPTED_EXIT:
+        raise Preempted(f"the job's exit status {rc}")
+    if rc != 0:
+        raise RuntimeError(f"{shlex.join([*prefix, *point.argv])} exited with status {rc}")
 
 
-def run(points: list[Point], *, launch: str = "", rerun_failed: bool = True) -> None:
+def run(points: list[Point], *, launch: str = "") -> None:
     from jaxpost.preemption import Preempted
 
     for i, point in enumerate(points):
@@ -149,7 +166,10 @@ def run(points: list[Point], *, launch: str = "", rerun_failed: bool = True) -> 
 
 
 def best(points: list[Point], metric: str, mode: str) -> Point | None:
-    scored = [p for p in points if math.isfinite(p.eval.get(metric, math.nan))]
+    """The finished point with the lowest (`min`) or highest `metric` at its last eval."""
+    scored = [
+        p for p in points if p.status == "done" and math.isfinite(p.eval.get(metric, math.nan))
+    ]
     if not scored:
         return None
     key = (lambda p: p.eval[metric]) if mode == "min" else (lambda p: -p.eval[metric])
@@ -191,7 +211,7 @@ def write_summary(points: list[Point], root: str, metric: str, mode: str) -> dic
     verdict = (
         f"Best by {metric} ({mode}): **{winner.name}** ({winner.eval[metric]:.4g})."
         if winner
-        else f"No point has a finite {metric}."
+        else f"No finished point has a finite {metric}."
     )
     md_path = root_path / "summary.md"
     md_path.write_text("\n".join(lines) + "\n\n" + verdict + "\n")

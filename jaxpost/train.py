@@ -19,7 +19,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxpost import checkpoint as ckpt
 from jaxpost import evaluation, memory, optim, preemption, sharding
@@ -217,6 +219,14 @@ def _train(
             if start == 0:  # (a resumed run has them on record)
                 writer.write(start, _data_scalars(data))  # what loading kept, cut and skipped
                 summary["eval_before"] = run_eval(start)
+            elif every["eval"] and start % every["eval"] == 0 and start < num_steps:
+                # Due at the step it resumes from, but killed before it was logged (process 0
+                # holds the metrics; every process must take part in an evaluation).
+                missing = np.int32(is_main and not writer.has_at_start("eval/loss"))
+                if jax.process_count() > 1:
+                    missing = multihost_utils.broadcast_one_to_all(missing)
+                if missing:
+                    run_eval(start)
             t_start, pending = time.perf_counter(), None  # pending: (step, device metrics)
             stop.deferred = True  # from here a stop request saves the step it is at, then stops
             for step in range(start + 1, num_steps + 1):
@@ -225,7 +235,7 @@ def _train(
                 if pending is not None:
                     record(*pending)  # step N-1's metrics, fetched while step N runs
                 pending = (step, device_metrics)
-                stop_now = stop.reached(step)  # every process agrees (one step for all)
+                stop_now = stop.reached()  # every process agrees (one step for all)
                 # (the last step's eval and save come after the loop, unless stopping)
                 last_step = step == num_steps
                 eval_now = every["eval"] and step % every["eval"] == 0 and not last_step
@@ -234,10 +244,12 @@ def _train(
                     record(*pending)  # never evaluate or save a state whose loss was not finite
                     pending = None
                     if save_now and stop_now:  # the checkpoint first: the time left is short
+                        writer.flush()  # (rows up to a checkpoint are on disk before it)
                         ckpt.save(manager, state, data_iter, force=True)
                     if eval_now:
                         run_eval(step)
                     if save_now and not stop_now:
+                        writer.flush()
                         ckpt.save(manager, state, data_iter, force=True)
                     if stop_now:
                         manager.wait_until_finished()
@@ -258,8 +270,12 @@ def _train(
             # --- Finish: the final evaluation and checkpoint.
             summary["eval_after"] = run_eval(num_steps)
             if int(jax.device_get(state.step)) > start or manager.latest_step() is None:
+                writer.flush()
                 ckpt.save(manager, state, data_iter, force=True)
             summary.update(final_step=num_steps, last_train_metrics=last)
+            # A stop request during the final evaluation or save: the run is complete, but
+            # whoever runs several trainings in one process (sweep, demo) must stop too.
+            summary["stop_requested"] = stop.reason
             summary["seconds"] = time.perf_counter() - t_start
         finally:
             # Let a save already under way finish (even when stopping on an error), so the

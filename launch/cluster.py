@@ -12,8 +12,10 @@ variables), every process with all of its host's chips, and both restart the job
 preemption until it completes; each restart resumes from the shared workdir:
 
 * xpk: `--max-restarts` lets the JobSet restart the workload when a pod fails or its node is
-  preempted (on a spot node pool, `xpk cluster create --spot`). The image is built from this
-  checkout by xpk (`--base-docker-image` + `--script-dir`) unless `--docker-image` is given.
+  preempted (on a spot node pool, `xpk cluster create --spot`) -- any failure, a config error
+  included, so check a config with a short run first. The image is built from this checkout by
+  xpk (`--base-docker-image` + `--script-dir`, installing jaxpost with `jax[tpu]` or
+  `jax[cuda12]`) unless `--docker-image` (jaxpost and jax installed) is given.
 * SLURM: `--requeue` and `--signal=TERM@GRACE` (SIGTERM before the time limit; a preempting
   scheduler sends SIGTERM too): jaxpost saves and exits 75, and the batch script requeues
   itself on 75, so a long run continues across allocations.
@@ -55,7 +57,8 @@ def xpk_command(args) -> list[str]:
         cmd.append(f"--docker-image={args.docker_image}")
     else:
         cmd += [f"--base-docker-image={args.base_docker_image}", f"--script-dir={REPO}"]
-    install = "pip install -q -e . && " if not args.docker_image else ""
+    jax_extra = "jax[tpu]" if args.tpu_type else "jax[cuda12]"
+    install = f"pip install -q -e . '{jax_extra}' && " if not args.docker_image else ""
     cmd += [f"--command={install}jaxpost {shlex.join(train_args(args))}",
             f"--max-restarts={args.max_restarts}"]  # fmt: skip
     return cmd
@@ -79,9 +82,12 @@ def sbatch_script(args) -> str:
         "set -uo pipefail",
         f"cd {shlex.quote(str(REPO))}",
         env.rstrip("\n"),
-        f"srun --kill-on-bad-exit=1 jaxpost {shlex.join(train_args(args))}",
+        # (no --kill-on-bad-exit: exit 75 is a clean stop, and every process saves first)
+        f"srun jaxpost {shlex.join(train_args(args))}",
         "status=$?",
-        f"if [ $status -eq {PREEMPTED_EXIT} ]; then",
+        "# stopped with a checkpoint (75; stop.json stays until the next run resumes): requeue",
+        f"if [ $status -eq {PREEMPTED_EXIT} ] || [ -f {shlex.quote(args.workdir)}/stop.json ]; "
+        "then",
         '  echo "jaxpost stopped with a checkpoint: requeueing $SLURM_JOB_ID"',
         '  scontrol requeue "$SLURM_JOB_ID"',
         "fi",

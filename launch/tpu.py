@@ -4,19 +4,22 @@
     python launch/tpu.py --name=sft1 --zone=us-east5-a --accelerator=v5p-64 --spot \\
         --workdir=gs://bucket/runs/sft1 --config=configs/sft.py -- --config.train.num_steps=2000
     python launch/tpu.py ... --dry-run     # print every gcloud command, run nothing
-    python launch/tpu.py --name=sft1 --zone=us-east5-a --delete              # tear down
+    python launch/tpu.py --name=sft1 --zone=us-east5-a --delete  # tear down (either kind)
 
 One command: creates the TPU -- a queued resource (`--queued`, the default for `--spot`; spot
 or on-demand) or a plain TPU VM (`--no-queued`) -- waits until it is ready, copies this checkout
 to every worker, installs it with `jax[tpu]`, and runs `jaxpost train --distributed` on all
-workers at once (jax.distributed finds the hosts by itself), streaming the output (process 0
-logs; the others only warn). When the job ends:
+workers at once (jax.distributed finds the hosts by itself), streaming worker 0's log (process 0
+logs; the others only warn). The workers install Python 3.11 through uv (TPU images may have an
+older one). When the job ends:
 
 * exit 0: done (the TPU is deleted with `--delete-when-done`);
 * the TPU was preempted (spot reclaimed, queued resource SUSPENDED/FAILED, VM PREEMPTED or gone):
   it is deleted, created again, and the job rerun: it resumes from its gs:// workdir;
-* exit 75 (jaxpost stopped on SIGTERM / a maintenance notice, checkpoint saved) or the ssh
-  session dropped with the TPU still READY: the job is rerun on the same TPU;
+* exit 75 (jaxpost stopped on SIGTERM / a maintenance notice, checkpoint saved): the job is
+  started again on the same TPU; a dropped ssh session with the TPU still READY: the launcher
+  follows the job's log again (the job runs detached on the workers, `setsid nohup`, so neither
+  a dropped session nor gcloud retrying a command kills or doubles it);
 * any other exit status (a config error, a crash) on a healthy TPU: stop and report it.
 
 Up to `--max-restarts` restarts. WORKDIR must be a gs:// path (every host writes it, and it
@@ -47,7 +50,8 @@ RUNTIMES = {
 }
 GCLOUD_TYPES = {"v4": "v4", "v5e": "v5litepod", "v5p": "v5p", "v6e": "v6e"}
 READY = {"READY", "ACTIVE"}
-GONE = {"PREEMPTED", "SUSPENDED", "SUSPENDING", "FAILED", "TERMINATED", "NOT_FOUND", "DELETING"}
+GONE = {"PREEMPTED", "SUSPENDED", "SUSPENDING", "FAILED", "TERMINATED", "NOT_FOUND"}
+# (DELETING and provisioning states are waited out)
 
 
 def slice_shape(accelerator: str) -> tuple[str, int, int]:
@@ -92,14 +96,22 @@ class Gcloud:
             raise RuntimeError(f"{shlex.join(cmd)} failed with status {rc}")
         return rc
 
-    def output(self, args: list[str], dry_answer: str = "") -> str:
+    def output(self, args: list[str], dry_answer: str = "", tries: int = 5) -> str:
+        """A describe command's output; "NOT_FOUND" when gcloud says the resource does not
+        exist. Other failures (an expired token, the network) are retried, then raised."""
         cmd = self._cmd(args)
         self.commands.append(cmd)
         if self.dry_run:
             print(shlex.join(cmd), file=self.out)
             return dry_answer
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else "NOT_FOUND"
+        for attempt in range(tries):
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode == 0:
+                return result.stdout.strip()
+            if "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower():
+                return "NOT_FOUND"
+            time.sleep(min(60, 5 * 2**attempt))
+        raise RuntimeError(f"{shlex.join(cmd)} keeps failing: {result.stderr.strip()[-500:]}")
 
 
 class TpuJob:
@@ -155,15 +167,23 @@ class TpuJob:
                 check=True,
             )
 
-    def delete(self) -> None:
-        if self.queued:
+    def delete(self, queued: bool | None = None) -> None:
+        queued = self.queued if queued is None else queued
+        if queued:
             args = ["compute", "tpus", "queued-resources", "delete", self.a.name, "--force"]
         else:
             args = ["compute", "tpus", "tpu-vm", "delete", self.a.name]
         self.g.run([*args, *self.zone, "--quiet"])
 
+    def delete_any(self) -> None:
+        """`--delete`: the queued resource of that name if there is one (with its TPU), else
+        the TPU VM, whichever way it was created."""
+        args = ["compute", "tpus", "queued-resources", "describe", self.a.name, *self.zone,
+                "--format=value(state.state)"]  # fmt: skip
+        self.delete(queued=self.g.output(args, "ACTIVE") != "NOT_FOUND")
+
     def wait_ready(self) -> str:
-        """Wait while the TPU is being provisioned; its state once READY/ACTIVE or gone."""
+        """Wait while the TPU is provisioned (or deleted); its state once READY/ACTIVE or gone."""
         deadline = time.monotonic() + self.a.ready_timeout
         while True:
             state = self.state("ACTIVE" if self.queued else "READY")
@@ -219,10 +239,13 @@ class TpuJob:
             ],  # fmt: skip
             check=True,
         )
+        # The TPU images' Python may be older than jaxpost's 3.11: uv brings its own.
         setup = (
             "mkdir -p ~/jaxpost && tar -C ~/jaxpost -xzf /tmp/jaxpost-src.tgz && cd ~/jaxpost && "
-            "{ [ -x .venv/bin/jaxpost ] || { python3 -m venv .venv && "
-            ".venv/bin/pip install -q -e . 'jax[tpu]'; }; }"
+            "{ [ -x .venv/bin/jaxpost ] || { "
+            "{ [ -x ~/.local/bin/uv ] || curl -LsSf https://astral.sh/uv/install.sh | sh; } && "
+            "~/.local/bin/uv venv --python 3.11 .venv && "
+            "~/.local/bin/uv pip install --python .venv/bin/python -e . 'jax[tpu]'; }; }"
         )
         if self.ssh(setup) != 0:
             raise RuntimeError(f"installing jaxpost on {self.a.name} failed")
@@ -237,7 +260,30 @@ class TpuJob:
         config = str(resolved.relative_to(REPO)) + sep + arg  # where it is on the workers
         args = ["--distributed", f"--config={config}", f"--workdir={self.a.workdir}"]
         args += list(self.a.overrides)
-        return "cd ~/jaxpost && .venv/bin/jaxpost train " + shlex.join(args)
+        return ".venv/bin/jaxpost train " + shlex.join(args)
+
+    def start(self) -> int:
+        """Start the job on every worker, detached from the ssh session (a dropped session,
+        or gcloud retrying its command, must not kill or double it): an earlier job of this
+        launcher is stopped first; the exit status lands in ~/jaxpost/exit_status."""
+        run = shlex.quote(f"{self.train_command()} > train.log 2>&1; echo $? > exit_status")
+        return self.ssh(
+            "cd ~/jaxpost && { [ -f job.pid ] && kill -TERM -- -$(cat job.pid) 2>/dev/null; "
+            "while [ -f job.pid ] && kill -0 -- -$(cat job.pid) 2>/dev/null; do sleep 2; done; "
+            f"rm -f exit_status; setsid nohup sh -c {run} > /dev/null 2>&1 < /dev/null & "
+            "echo $! > job.pid; }"
+        )
+
+    def follow(self, from_start: bool) -> int:
+        """Stream worker 0's log until its job ends; the job's exit status (255: the ssh
+        session dropped, the job may still be running)."""
+        lines = "+1" if from_start else "0"
+        return self.ssh(
+            f"cd ~/jaxpost && {{ tail -n {lines} -F train.log & t=$!; "
+            "while [ ! -f exit_status ]; do sleep 5; done; sleep 1; kill $t; "
+            "exit $(cat exit_status); }",
+            worker="0",
+        )
 
 
 def launch(args, gcloud: Gcloud | None = None) -> int:
@@ -245,10 +291,11 @@ def launch(args, gcloud: Gcloud | None = None) -> int:
     g.project = g.project or args.project
     job = TpuJob(args, g)
     if args.delete:
-        job.delete()
+        job.delete_any()
         return 0
     if not args.workdir.startswith("gs://") and not args.allow_local_workdir:
         raise ValueError(f"--workdir={args.workdir!r}: use a gs:// path every host can write")
+    job.train_command()  # a config outside the checkout is an error before anything is created
     print(
         f"# {args.accelerator}: {job.chips} chips on {job.hosts} host(s), runtime {job.runtime}, "
         f"{'spot' if args.spot else 'on-demand'}, {'queued resource' if job.queued else 'TPU VM'}",
@@ -260,6 +307,7 @@ def launch(args, gcloud: Gcloud | None = None) -> int:
         if state in GONE:
             if state != "NOT_FOUND":
                 job.delete()
+                job.wait_ready()  # (until it is NOT_FOUND)
             job.create()
             staged = False
             state = job.wait_ready()
@@ -269,13 +317,18 @@ def launch(args, gcloud: Gcloud | None = None) -> int:
             if not staged:
                 job.stage()
                 staged = True
-            rc = job.ssh(job.train_command())
+            rc = job.start()
+            if rc == 0:
+                rc = job.follow(from_start=True)
+                # A dropped session while the TPU is up: the job may still run; follow again.
+                while rc == SSH_LOST and job.state("READY") in READY and not g.dry_run:
+                    rc = job.follow(from_start=False)
             if g.dry_run:
                 print("# when preempted (the TPU is gone), the launcher runs:", file=g.out)
                 job.state("PREEMPTED")
                 job.delete()
                 job.create()
-                print("# ... then waits, stages and reruns the train command above", file=g.out)
+                print("# ... then waits, stages, starts and follows the job again", file=g.out)
             if rc == 0:
                 if args.delete_when_done:
                     job.delete()

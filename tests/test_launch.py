@@ -49,12 +49,14 @@ def test_single_host_on_demand_tpu_vm_dry_run():
         "--accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite"
     )
     train = [c for c in cmds if "jaxpost train" in c]
-    assert len(train) == 1 and "--worker=all" in train[0]
+    assert len(train) == 1 and "--worker=all" in train[0] and "setsid nohup" in train[0]
+    follow = [c for c in cmds if "tail -n" in c]
+    assert len(follow) == 1 and "--worker=0" in follow[0] and "exit_status" in follow[0]
     assert "--config=configs/sft.py:smoke" in train[0]  # the path on the workers
     assert "--distributed" in train[0] and "--config.train.num_steps=7" in train[0]
     assert "--workdir=gs://b/runs/sft1" in train[0]
     assert any(" scp " in c and "--worker=all" in c for c in cmds)
-    assert any("pip install -q -e . " in c and "jax[tpu]" in c for c in cmds)
+    assert any("uv venv --python 3.11" in c and "jax[tpu]" in c for c in cmds)
 
 
 def test_multi_host_spot_queued_resource_dry_run():
@@ -72,8 +74,8 @@ def test_multi_host_spot_queued_resource_dry_run():
 
 
 def test_delete_and_bad_input():
-    out, cmds = _dry(["--name=sft1", "--zone=z", "--accelerator=v4-16", "--no-queued", "--delete"])
-    assert cmds == ["gcloud compute tpus tpu-vm delete sft1 --zone=z --quiet"]
+    out, cmds = _dry(["--name=sft1", "--zone=z", "--delete"])  # a queued resource (dry: found)
+    assert cmds[-1] == "gcloud compute tpus queued-resources delete sft1 --force --zone=z --quiet"
     with pytest.raises(ValueError, match="gs:// path"):
         _dry([*BASE[:2], "--workdir=/tmp/x", BASE[3]])
     with pytest.raises(ValueError, match="outside"):
@@ -90,7 +92,10 @@ class ScriptedGcloud(tpu.Gcloud):
 
     def run(self, args, *, check=False):
         if args[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "jaxpost train" in args[-1]:
-            self.log.append("train")
+            self.log.append("start")
+            return 0
+        if args[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "tail -n" in args[-1]:
+            self.log.append("follow")
             return self.train_status.pop(0)
         self.log.append(" ".join(args[2:4]))  # e.g. "queued-resources create"
         return 0
@@ -110,25 +115,44 @@ def _scripted(monkeypatch, states, statuses, extra=()):
 def test_a_preempted_tpu_is_recreated_and_the_job_rerun_until_it_completes(monkeypatch):
     rc, log = _scripted(
         monkeypatch,
-        # absent; provisioning; ready | after the dropped session: reclaimed | recreated: ready
-        ["NOT_FOUND", "WAITING_FOR_RESOURCES", "ACTIVE", "SUSPENDED", "SUSPENDED", "ACTIVE"],
+        # absent; provisioning; ready | session dropped: reclaimed (x2) | deleting; gone;
+        # recreated: ready
+        [
+            "NOT_FOUND",
+            "WAITING_FOR_RESOURCES",
+            "ACTIVE",
+            "SUSPENDED",
+            "SUSPENDED",
+            "SUSPENDED",
+            "DELETING",
+            "NOT_FOUND",
+            "ACTIVE",
+        ],  # fmt: skip
         [tpu.SSH_LOST, 0],
     )
     assert rc == 0
     assert log == [
-        "state", "queued-resources create", "state", "state", "stage", "train",
-        "state",  # after the train command: SUSPENDED -> not healthy, restart
-        "state", "queued-resources delete", "queued-resources create", "state", "stage", "train",
+        "state", "queued-resources create", "state", "state", "stage", "start", "follow",
+        "state",  # the session dropped: is the TPU up? SUSPENDED: no
+        "state",  # after the job: SUSPENDED -> restart
+        "state", "queued-resources delete", "state", "state",  # wait until it is gone
+        "queued-resources create", "state", "stage", "start", "follow",
     ]  # fmt: skip
+
+
+def test_a_dropped_session_on_a_healthy_tpu_follows_the_job_again(monkeypatch):
+    rc, log = _scripted(monkeypatch, ["ACTIVE", "ACTIVE", "ACTIVE"], [tpu.SSH_LOST, 0])
+    assert rc == 0 and log == ["state", "stage", "start", "follow", "state", "follow"]
 
 
 def test_a_stopped_job_reruns_on_the_same_tpu_and_a_failed_one_is_reported(monkeypatch):
     rc, log = _scripted(monkeypatch, ["ACTIVE", "ACTIVE", "ACTIVE"], [tpu.PREEMPTED_EXIT, 0])
-    assert rc == 0 and log == ["state", "stage", "train", "state", "state", "train"]
+    assert rc == 0 and log == ["state", "stage", "start", "follow", "state", "state", "start",
+                               "follow"]  # fmt: skip
     rc, log = _scripted(monkeypatch, ["ACTIVE", "ACTIVE"], [2])  # a config error: no retry loop
-    assert rc == 2 and log.count("train") == 1
+    assert rc == 2 and log.count("start") == 1
     rc, log = _scripted(monkeypatch, ["ACTIVE"] * 11, [75] * 4, ["--max-restarts=2"])
-    assert rc == 75 and log.count("train") == 3
+    assert rc == 75 and log.count("start") == 3
 
 
 def test_xpk_command(capsys):
@@ -141,6 +165,7 @@ def test_xpk_command(capsys):
     assert "--tpu-type=v5p-64" in cmd and "--num-slices=1" in cmd and "--max-restarts=50" in cmd
     command = next(c for c in cmd if c.startswith("--command="))
     assert "jaxpost train --distributed --config=configs/sft.py --workdir=gs://b/r" in command
+    assert command.startswith("--command=pip install -q -e . 'jax[tpu]' && ")
     assert command.endswith("--config.train.num_steps=9")
     with pytest.raises(ValueError, match="gs:// workdir"):
         cluster.main([*argv[:5], "--workdir=/tmp/r", *argv[6:]])
@@ -153,7 +178,6 @@ def test_slurm_script(capsys):
     script = capsys.readouterr().out
     assert "#SBATCH --nodes=2\n" in script and "#SBATCH --ntasks-per-node=1" in script
     assert "#SBATCH --requeue\n" in script and "#SBATCH --signal=TERM@180" in script
-    assert (
-        "srun --kill-on-bad-exit=1 jaxpost train --distributed --config=configs/sft.py " in script
-    )
-    assert "if [ $status -eq 75 ]; then" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert "\nsrun jaxpost train --distributed --config=configs/sft.py " in script
+    assert "if [ $status -eq 75 ] || [ -f /shared/r1/stop.json ]; then" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script

@@ -53,11 +53,28 @@ def test_checkpoints_are_due_by_steps_and_by_minutes_since_the_run_started(tmp_p
     never = ckpt.make_manager(str(tmp_path / "b"), every_steps=0, every_minutes=0)
     assert not any(never.should_save(s) for s in range(1, 13))
     by_time = ckpt.make_manager(str(tmp_path / "c"), every_steps=0, every_minutes=1 / 60)
-    assert not by_time.should_save(1)  # the clock starts with this run, not at once
+    every = ckpt.CHECK_MINUTES_EVERY  # (the clock is read at every 10th step only)
+    assert not by_time.should_save(every)  # the clock starts with this run, not at once
     time.sleep(1.1)
-    assert by_time.should_save(2)
-    for m in (by_steps, never, by_time):
+    assert not by_time.should_save(every + 1) and by_time.should_save(2 * every)
+    # A resumed run whose last checkpoint is old: its clock starts now too, not at that save.
+    by_steps.save(4, args=_args(), force=True)
+    by_steps.wait_until_finished()
+    time.sleep(1.1)
+    resumed = ckpt.make_manager(str(tmp_path / "a"), every_steps=0, every_minutes=1 / 60)
+    assert resumed.latest_step() == 4 and not resumed.should_save(every)
+    time.sleep(1.1)
+    assert resumed.should_save(2 * every)
+    for m in (by_steps, never, by_time, resumed):
         m.close()
+
+
+def _args():
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    tree = {"w": np.zeros(2)}
+    return ocp.args.Composite(params=ocp.args.StandardSave(tree), train=ocp.args.StandardSave(tree))
 
 
 def test_a_stop_signal_before_the_loop_stops_at_once_and_in_the_loop_at_a_step():
@@ -66,13 +83,14 @@ def test_a_stop_signal_before_the_loop_stops_at_once_and_in_the_loop_at_a_step()
 
     stop = preemption.StopSignal()
     try:
-        with pytest.raises(preemption.Preempted, match="SIGTERM before training started"):
+        with pytest.raises(preemption.Preempted, match="stopped on SIGTERM; rerun"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs between bytecodes
         stop.reason, stop.deferred = None, True
+        assert not stop.reached()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
-        assert stop.reached(7) and stop.reason == "SIGTERM"
+        assert stop.reached() and stop.reason == "SIGTERM"
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

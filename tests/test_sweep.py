@@ -48,3 +48,26 @@ def test_dry_run_prints_each_points_command(tmp_path, capsys):
     assert f"--workdir={tmp_path}/lr=0.003" in lines[1] and "--config.optim.lr=0.003" in lines[1]
     assert not (tmp_path / "lr=0.001").exists()
     assert sweep.point_name({"a.b": 1, "c": "x/y"}) == "b=1_c=x-y"
+
+
+def test_a_failed_point_is_recorded_and_only_finished_points_can_be_best(tmp_path):
+    config = tmp_path / "broken.py"
+    sft = str(REPO / "configs" / "sft.py")
+    config.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('sft', {sft!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "get_config = module.get_config\n"
+        "def get_sweep(arg=None):\n"
+        "    return [{'data.train_path': '/nonexistent/train.jsonl'}]\n"
+    )
+    result = main(["sweep", f"--root={tmp_path / 'r'}", f"--config={config}:smoke", *ARGS[1:]])
+    (point,) = result["points"]
+    assert point.status == "failed" and "No data file matches" in point.error
+    assert "No finished point has a finite eval/loss" in (tmp_path / "r" / "summary.md").read_text()
+
+    done = sweep.Point("a", {}, "", [], 2, status="done", eval={"eval/loss": 2.0})
+    cut = sweep.Point("b", {}, "", [], 2, status="incomplete", eval={"eval/loss": 1.0})
+    assert sweep.best([done, cut], "eval/loss", "min") is done
+    assert sweep.best([done, cut], "eval/loss", "max") is done
