@@ -236,7 +236,8 @@ def _plot(points: list[Point], metrics: list[str], path: epath.Path) -> None:
         ax.set_title(metric or "no eval metrics")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     with path.open("wb") as f:
         fig.savefig(f, format="png", dpi=110)
