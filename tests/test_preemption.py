@@ -131,6 +131,7 @@ def test_killed_and_restarted_runs_end_bit_identical(tmp_path):
     assert result["final_steps"] == [10, 10]
     assert result["params_identical"], result
     assert result["metrics_identical"], result
+    assert result["clean"], result["leftovers"]
     term = result["events"][2]
     assert term["exit"] == preemption.PREEMPTED_EXIT, term
     log = (tmp_path / "killed.log").read_text()

@@ -186,6 +186,8 @@ def compare(reference: Path, killed: Path) -> dict:
     metrics_diff = [step for step in sorted(set(ma) | set(mb)) if ma.get(step) != mb.get(step)]
     return {
         "final_steps": [ckpt.saved_steps(str(reference))[-1], ckpt.saved_steps(str(killed))[-1]],
+        # what kills left behind, still there at the end (temporary checkpoint dirs, stop.json)
+        "leftovers": sorted(_saving(killed)) + (["stop.json"] * (killed / "stop.json").exists()),
         "params_identical": not params_diff and len(flat_a) == len(flat_b),
         "params_differing": params_diff[:5],
         "metrics_identical": not metrics_diff and not repeated,
@@ -246,6 +248,7 @@ def soak(config, root, overrides, *, kills, kinds=KINDS, seed=0, max_starts=None
         **compare(reference, killed),
     }
     result["identical"] = result["params_identical"] and result["metrics_identical"]
+    result["clean"] = not result["leftovers"]
     return result
 
 
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
     result = soak(args.config, args.root, args.overrides, kills=args.kills, kinds=kinds,
                   seed=args.seed, timeout=args.timeout)  # fmt: skip
     print(json.dumps(result, indent=1))
-    return 0 if result["identical"] else 1
+    return 0 if result["identical"] and result["clean"] else 1
 
 
 if __name__ == "__main__":
