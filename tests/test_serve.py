@@ -3,6 +3,7 @@ run's exact weights and logits, also when two processes export it; sampling prin
 through the chat template."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -21,29 +22,74 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZERS = REPO / "tests" / "fixtures" / "tokenizers"
 
 
+LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # each new jit specialisation
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
+    """A short SFT run with evaluation, sampling and checkpoints interleaved; `events` records
+    the log lines and every jit lowering (compilation or cache hit) in order."""
     workdir = tmp_path_factory.mktemp("serve") / "sft"
-    main(
-        [
-            "train",
-            f"--config={REPO}/configs/sft.py:smoke",
-            f"--workdir={workdir}",
-            "--config.train.num_steps=3",
-            "--config.data.max_eval_examples=8",
-            '--config.eval.sample_prompts=["What is 2+3?", "Hi"]',
-            "--config.eval.sample_max_tokens=5",
-        ]
-    )
+    events = []
+
+    def lowered(event, duration, **kwargs):
+        if event == LOWERED:
+            events.append(("lowered", kwargs.get("fun_name", "")))
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            events.append(("log", record.getMessage()))
+
+    handler, logger = Lines(), logging.getLogger("jaxpost")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    jax.monitoring.register_event_duration_secs_listener(lowered)
+    try:
+        main(
+            [
+                "train",
+                f"--config={REPO}/configs/sft.py:smoke",
+                f"--workdir={workdir}",
+                "--config.train.num_steps=6",
+                "--config.eval.every_steps=2",
+                "--config.checkpoint.every_steps=2",
+                "--config.log.every_steps=1",
+                "--config.data.max_eval_examples=8",
+                '--config.eval.sample_prompts=["What is 2+3?", "Hi"]',
+                "--config.eval.sample_max_tokens=5",
+            ]
+        )
+    finally:
+        jax.monitoring.unregister_event_duration_listener(lowered)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    EVENTS[workdir] = events
     return workdir
+
+
+EVENTS = {}  # sft_run's workdir -> its events
 
 
 def test_training_logs_sample_replies_at_eval(sft_run):
     rows = [json.loads(line) for line in (sft_run / "samples.jsonl").read_text().splitlines()]
-    # Before training and at the end (eval.every_steps is larger than the 3 steps).
-    assert [r["step"] for r in rows] == [0, 0, 3, 3]
+    # Before training, at every eval and at the end.
+    assert [r["step"] for r in rows] == [0, 0, 2, 2, 4, 4, 6, 6]
     assert [r["prompt"] for r in rows[:2]] == ["What is 2+3?", "Hi"]
     assert all(isinstance(r["reply"], str) for r in rows)
+
+
+def test_nothing_compiles_after_the_first_steps_with_eval_sampling_and_checkpoints(sft_run):
+    """Every jitted function of jaxpost (train step, eval step, sampler) is specialised by the
+    first eval with sampling (step 2); steps 3-6 with two more evals, samples and checkpoints
+    lower nothing new. (orbax slices replicated arrays eagerly at each save, `jit(slice)` in
+    its replica-parallel writer: its own, counted apart.)"""
+    events = EVENTS[sft_run]
+    first = next(i for i, (kind, text) in enumerate(events) if text.startswith("eval at step 2"))
+    assert any(kind == "lowered" for kind, _ in events[:first])
+    later = [name for kind, name in events[first:] if kind == "lowered"]
+    assert [name for name in later if name != "jit(slice)"] == [], later
+    assert any(text.startswith("eval at step 6") for _, text in events[first:])
 
 
 def test_export_cli_round_trips_the_run(sft_run, tmp_path, capsys):
