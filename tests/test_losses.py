@@ -83,3 +83,56 @@ def test_chunked_token_logps_equals_full_logits(chunk):
     )(hidden, unembed)
     for a, b in zip(g_full, g_chunk, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_the_head_at_target_positions_only_equals_the_full_logits_there(chunk):
+    """`masked_chunked_token_stats` computes logits only at masked (target) positions: the same
+    log-probs, argmax and mean logits there (0 elsewhere), and the same gradients through a loss
+    that reads only those positions -- rows with no targets and with only targets included, and
+    sharded over a mesh (batch over `data`, the vocabulary over `tensor`)."""
+    rng = np.random.default_rng(2)
+    B, L, D, V = 4, 9, 5, 12
+    hidden = jnp.asarray(rng.normal(size=(B, L, D)))
+    unembed = jnp.asarray(rng.normal(size=(D, V)))
+    targets = jnp.asarray(rng.integers(0, V, size=(B, L)))
+    mask = rng.random((B, L)) < 0.4
+    mask[1] = False  # a row without targets
+    mask[2] = True  # a row of targets only
+    mask = jnp.asarray(mask)
+    w_lp, w_mean = (jnp.asarray(rng.normal(size=(B, L))) for _ in range(2))
+
+    def loss(stats):
+        lp, _, mean = stats
+        return jnp.sum(jnp.where(mask, w_lp * lp + w_mean * mean, 0.0))
+
+    want = losses.token_stats(hidden @ unembed, targets)
+    got = losses.masked_chunked_token_stats(hidden, unembed, targets, mask, chunk)
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(got[0])[m], np.asarray(want[0])[m], rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(got[1])[m], np.asarray(want[1])[m])
+    np.testing.assert_allclose(np.asarray(got[2])[m], np.asarray(want[2])[m], rtol=1e-12)
+    assert not np.asarray(got[0])[~m].any() and not np.asarray(got[1])[~m].any()
+
+    g_want = jax.grad(lambda h, w: loss(losses.token_stats(h @ w, targets)), (0, 1))(
+        hidden, unembed
+    )
+    masked = jax.jit(
+        jax.grad(
+            lambda h, w: loss(losses.masked_chunked_token_stats(h, w, targets, mask, chunk)),
+            (0, 1),
+        )
+    )
+    for a, b in zip(g_want, masked(hidden, unembed), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-12)
+
+    auto = (jax.sharding.AxisType.Auto,) * 2  # as jaxpost's meshes
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=auto)
+    spec = jax.sharding.NamedSharding
+    P = jax.sharding.PartitionSpec
+    sharded = masked(
+        jax.device_put(hidden, spec(mesh, P("data"))),
+        jax.device_put(unembed, spec(mesh, P(None, "tensor"))),
+    )
+    for a, b in zip(g_want, sharded, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-12)

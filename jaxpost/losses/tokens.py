@@ -5,6 +5,8 @@ Shape legend: B batch, L length (targets), V vocabulary, D model width, S segmen
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -160,3 +162,117 @@ def chunked_token_logps(
     """`token_logps(hidden @ unembed, targets)` without materialising `[B, L, V]` logits
     (see `chunked_token_stats`)."""
     return chunked_token_stats(hidden_BLD, unembed_DV, targets_BL, chunk_size=chunk_size)[0]
+
+
+def _target_order(mask_BL: jax.Array, chunk_size: int):
+    """Each row's masked positions first (in order), padded with `L` to whole chunks; the
+    number of masked positions per row; chunks to run (enough for the fullest row)."""
+    B, L = mask_BL.shape
+    keep_BL = mask_BL.astype(bool)
+    order_BL = jnp.argsort(~keep_BL, axis=-1, stable=True).astype(jnp.int32)
+    pad = -(-L // chunk_size) * chunk_size - L
+    order_BL = jnp.pad(order_BL, ((0, 0), (0, pad)), constant_values=L)
+    count_B = jnp.sum(keep_BL, axis=-1, dtype=jnp.int32)
+    n_chunks = (jnp.max(count_B) + chunk_size - 1) // chunk_size
+    return order_BL, count_B, n_chunks
+
+
+def _chunk_at(c, order_BL, count_B, hidden_BLD, targets_BL, chunk_size):
+    """Chunk `c` of the masked positions: `(pos_BC, valid_BC, hidden_BCD, targets_BC)`."""
+    B, L, _ = hidden_BLD.shape
+    pos_BC = jax.lax.dynamic_slice_in_dim(order_BL, c * chunk_size, chunk_size, axis=1)
+    valid_BC = (c * chunk_size + jnp.arange(chunk_size))[None, :] < count_B[:, None]
+    safe_BC = jnp.minimum(pos_BC, L - 1)
+    h_BCD = jnp.take_along_axis(hidden_BLD, safe_BC[..., None], axis=1)
+    t_BC = jnp.take_along_axis(targets_BL, safe_BC, axis=1)
+    return pos_BC, valid_BC, h_BCD, t_BC
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def masked_chunked_token_stats(hidden_BLD, unembed_DV, targets_BL, mask_BL, chunk_size=256):
+    """`token_stats(hidden @ unembed, targets)` at the positions where `mask` is set, 0 (False)
+    elsewhere, computing the output projection only there.
+
+    Each row's masked positions are gathered into chunks of `chunk_size`, and only as many
+    chunks run as the row with the most masked positions needs (a `while_loop`, so the count
+    may change from batch to batch without recompiling); no `[B, L, V]` logits are held. The
+    backward pass recomputes each chunk's logits (a custom VJP), so the projection and the
+    log-softmax cost time in proportion to the masked (target) tokens, not to the row length:
+    prompts and padding are skipped. Values and gradients equal `chunked_token_stats` at the
+    masked positions up to float rounding.
+    """
+    return _masked_fwd(hidden_BLD, unembed_DV, targets_BL, mask_BL, chunk_size)[0]
+
+
+def _masked_fwd(hidden_BLD, unembed_DV, targets_BL, mask_BL, chunk_size):
+    B, L, _ = hidden_BLD.shape
+    order_BL, count_B, n_chunks = _target_order(mask_BL, chunk_size)
+    logits_dtype = compute_dtype(jnp.result_type(hidden_BLD, unembed_DV))
+    rows_B1 = jnp.arange(B)[:, None]
+
+    def body(c, outs):
+        logps_BL, top1_BL, mean_BL = outs
+        pos_BC, valid_BC, h_BCD, t_BC = _chunk_at(
+            c, order_BL, count_B, hidden_BLD, targets_BL, chunk_size
+        )
+        logits_BCV = jnp.einsum(
+            "bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=logits_dtype
+        )
+        lp_BC, top_BC, mean_BC = token_stats(logits_BCV, t_BC)
+        put = pos_BC  # padding entries (index L) are dropped by the scatter
+        logps_BL = logps_BL.at[rows_B1, put].set(jnp.where(valid_BC, lp_BC, 0), mode="drop")
+        top1_BL = top1_BL.at[rows_B1, put].set(valid_BC & top_BC, mode="drop")
+        mean_BL = mean_BL.at[rows_B1, put].set(jnp.where(valid_BC, mean_BC, 0), mode="drop")
+        return logps_BL, top1_BL, mean_BL
+
+    zeros = jnp.zeros((B, L), logits_dtype)
+    outs = jax.lax.fori_loop(0, n_chunks, body, (zeros, jnp.zeros((B, L), bool), zeros))
+    return outs, (hidden_BLD, unembed_DV, targets_BL, mask_BL)
+
+
+def _masked_bwd(chunk_size, residuals, cotangents):
+    hidden_BLD, unembed_DV, targets_BL, mask_BL = residuals
+    g_logps_BL, _, g_mean_BL = cotangents
+    B, L, D = hidden_BLD.shape
+    V = unembed_DV.shape[1]
+    order_BL, count_B, n_chunks = _target_order(mask_BL, chunk_size)
+    logits_dtype = compute_dtype(jnp.result_type(hidden_BLD, unembed_DV))
+    rows_B1 = jnp.arange(B)[:, None]
+
+    def body(c, grads):
+        d_hidden_BLD, d_unembed_DV = grads
+        pos_BC, valid_BC, h_BCD, t_BC = _chunk_at(
+            c, order_BL, count_B, hidden_BLD, targets_BL, chunk_size
+        )
+        safe_BC = jnp.minimum(pos_BC, L - 1)
+        logits_BCV = jnp.einsum(
+            "bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=logits_dtype
+        )
+        probs_BCV = jax.nn.softmax(logits_BCV, axis=-1)
+        g_lp_BC = jnp.where(valid_BC, jnp.take_along_axis(g_logps_BL, safe_BC, axis=1), 0)
+        g_mean_BC = jnp.where(valid_BC, jnp.take_along_axis(g_mean_BL, safe_BC, axis=1), 0)
+        # d logp[t] / d logits = onehot(t) - softmax; d mean / d logits = 1 / V
+        d_logits_BCV = g_lp_BC[..., None] * (
+            jax.nn.one_hot(t_BC, V, dtype=logits_dtype) - probs_BCV
+        )
+        d_logits_BCV = d_logits_BCV + g_mean_BC[..., None] / V
+        d_h_BCD = jnp.einsum(
+            "bcv,dv->bcd", d_logits_BCV, unembed_DV, preferred_element_type=logits_dtype
+        )
+        d_hidden_BLD = d_hidden_BLD.at[rows_B1, pos_BC].add(d_h_BCD, mode="drop")
+        d_unembed_DV = d_unembed_DV + jnp.einsum(
+            "bcd,bcv->dv", h_BCD, d_logits_BCV, preferred_element_type=logits_dtype
+        )
+        return d_hidden_BLD, d_unembed_DV
+
+    init = (jnp.zeros((B, L, D), logits_dtype), jnp.zeros(unembed_DV.shape, logits_dtype))
+    d_hidden_BLD, d_unembed_DV = jax.lax.fori_loop(0, n_chunks, body, init)
+    return (
+        d_hidden_BLD.astype(hidden_BLD.dtype),
+        d_unembed_DV.astype(unembed_DV.dtype),
+        None,
+        None,
+    )
+
+
+masked_chunked_token_stats.defvjp(_masked_fwd, _masked_bwd)

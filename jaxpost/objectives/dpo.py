@@ -39,6 +39,7 @@ def pair_logps(params, batch, *, model, segments=1, logits_chunk=0):
         flat["segment_ids"],
         flat["targets"],
         logits_chunk,
+        flat["loss_mask"],
     )
     mask_NL = flat["loss_mask"] > 0
     seg_NL = flat["segment_ids"]

@@ -23,6 +23,7 @@ def loss_fn(params, batch, frozen, *, model, segments, logits_chunk):
         batch["segment_ids"],
         batch["targets"],
         logits_chunk,
+        batch["loss_mask"],
     )
     mask_BL = batch["loss_mask"].astype(bool)
     nll_sum, _ = losses.nll_sum(logps_BL, mask_BL)
