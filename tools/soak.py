@@ -98,13 +98,13 @@ def _saving(workdir: Path) -> set[str]:
         return set()
 
 
-def _attempt(cmd, env, workdir, kind, duration, rng, log_path, timeout, eval_every):
-    """Start the run and kill it at a moment of `kind`; `(exit status, what happened)`."""
+def _attempt(cmd, env, workdir, kind, duration, rng, log_path, timeout, eval_every, spread=1.0):
+    """Start the run and kill it at a moment of `kind`; `(exit status, what happened)`.
+    Timed kills come within `spread` x the uninterrupted run's duration."""
     run = _Run(cmd, env, log_path)
     deadline = run.t0 + timeout
-    # (restarts compile from the cache: sooner than the first run, so not too late)
     timed = kind in ("time", "term-any")
-    kill_at = run.t0 + rng.uniform(0.05, 0.7) * duration if timed else None
+    kill_at = run.t0 + rng.uniform(0.05, 0.7) * spread * duration if timed else None
     marker = _MARKERS.get(kind)
     scanned = 0
     stale = _saving(workdir)  # left by an earlier kill (this run's manager removes them)
@@ -230,9 +230,12 @@ def soak(config, root, overrides, *, kills, kinds=KINDS, seed=0, max_starts=None
             rc = _Run(cmd, env, root / "killed.log").wait(timeout)
             events.append({"kind": "finish", "signal": None, "exit": rc})
         else:
+            # Many kills: timed ones come early, so the run is still going for the last of them.
+            spread = min(1.0, 4 / kills)
             rc, event = _attempt(
-                cmd, env, killed, kind, duration, rng, root / "killed.log", timeout, eval_every
-            )
+                cmd, env, killed, kind, duration, rng, root / "killed.log", timeout, eval_every,
+                spread,
+            )  # fmt: skip
             if event["signal"] == "SIGTERM":
                 _check_stopped(killed, rc, event)
             elif event["signal"] is None and rc != 0:
