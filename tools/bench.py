@@ -26,18 +26,22 @@ from jaxpost import model as model_lib
 from jaxpost import step as step_lib
 
 
-def synthetic_batch(objective_name: str, batch: int, seq: int, vocab: int, accum: int, seed=0):
+def synthetic_batch(
+    objective_name: str, batch: int, seq: int, vocab: int, accum: int, seed=0, targets=1.0
+):
     """Random tokens in the objective's batch layout: `[A, B, L]` (SFT) or `[A, B, 2, L]` pairs
-    (RM, DPO; with precomputed reference log-probs for DPO, as its default config uses)."""
+    (RM, DPO; with precomputed reference log-probs for DPO, as its default config uses). The
+    last `targets` fraction of each row carries the loss (the rest is a prompt)."""
     rng = np.random.default_rng(seed)
     shape = (accum, batch // accum) + ((2,) if objective_name in ("rm", "dpo") else ())
     tokens = rng.integers(3, vocab, size=(*shape, seq + 1), dtype=np.int32)
     ones = np.ones((*shape, seq), np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), ones.shape).copy()
+    loss_mask = (positions >= seq - round(targets * seq)).astype(np.int32)
     out = {
         "inputs": tokens[..., :-1],
         "targets": tokens[..., 1:],
-        "loss_mask": ones,
+        "loss_mask": loss_mask,
         "segment_ids": ones,
         "positions": positions,
     }
@@ -64,6 +68,9 @@ def main():
     parser.add_argument("--remat", default="none", choices=sorted(model_lib.REMAT_POLICIES))
     parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
     parser.add_argument("--attention", default="auto", choices=list(model_lib.ATTENTION_KERNELS))
+    parser.add_argument(
+        "--targets", type=float, default=1.0, help="fraction of each row that carries the loss"
+    )
     args = parser.parse_args()
 
     config = config_lib.base_config()
@@ -79,8 +86,9 @@ def main():
     tx = optim.make_optimizer(config.optim, 1000)
     schedule = optim.make_schedule(config.optim, 1000)
     batch_np = synthetic_batch(
-        args.objective, args.batch, args.seq, model_config.vocab_size, args.accum
-    )
+        args.objective, args.batch, args.seq, model_config.vocab_size, args.accum,
+        targets=args.targets,
+    )  # fmt: skip
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, shardings = step_lib.create_state(model, tx, mesh, seed=0, seq_len=args.seq)
         step = step_lib.make_train_step(
@@ -113,6 +121,8 @@ def main():
                 "seq": args.seq,
                 "dtype": args.dtype,
                 "remat": args.remat,
+                "logits_chunk": args.logits_chunk,
+                "targets": args.targets,
                 "attention": model_lib.attention_kernel(model_config),
                 "mesh": dict(mesh.shape),
                 "device": jax.devices()[0].device_kind,
