@@ -66,7 +66,7 @@ def run_jaxpost(args, objective_name: str) -> dict:
     tx = optim.make_optimizer(config.optim, 10_000)
     schedule = optim.make_schedule(config.optim, 10_000)
     batch_np = bench.synthetic_batch(
-        objective_name, args.batch, args.seq, model_config.vocab_size, 1
+        objective_name, args.batch, args.seq, model_config.vocab_size, 1, targets=args.targets
     )
     tokens = _tokens(args, objective_name != "sft")
     batch_np["inputs"] = tokens[None, ..., :-1]
@@ -124,16 +124,20 @@ def run_torch(args, objective_name: str) -> dict:
     )
     tokens = torch.from_numpy(_tokens(args, objective_name != "sft")).long()
     inputs, targets = tokens[..., :-1], tokens[..., 1:]
+    prompt = args.seq - round(args.targets * args.seq)  # positions before it carry no loss
+    in_loss = torch.arange(args.seq) >= prompt
 
-    def seq_logps(m, x, y):  # [N, L] -> [N]
+    def seq_logps(m, x, y):  # [N, L] -> [N], completion tokens only
         logits = m(input_ids=x).logits.float()
-        return torch.gather(logits.log_softmax(-1), -1, y[..., None])[..., 0].sum(-1)
+        logps = torch.gather(logits.log_softmax(-1), -1, y[..., None])[..., 0]
+        return (logps * in_loss).sum(-1)
 
     def loss_fn():
         if objective_name == "sft":
             logits = model(input_ids=inputs).logits
+            labels = torch.where(in_loss, targets, -100)  # the usual ignore_index masking
             return torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
             )
         x, y = inputs.reshape(-1, args.seq), targets.reshape(-1, args.seq)
         if objective_name == "rm":
@@ -178,6 +182,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument(
         "--logits_chunk", type=int, default=0, help="jaxpost objective.logits_chunk_size"
     )
+    p.add_argument("--targets", type=float, default=1.0, help="completion fraction of each row")
     p.add_argument("--worker", choices=("jaxpost", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--objective", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -188,7 +193,7 @@ def main(argv=None) -> list[dict]:
     env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
     common = [f"--model={args.model}", f"--batch={args.batch}", f"--seq={args.seq}",
               f"--steps={args.steps}", f"--warmup={args.warmup}",
-              f"--logits_chunk={args.logits_chunk}"]  # fmt: skip
+              f"--logits_chunk={args.logits_chunk}", f"--targets={args.targets}"]  # fmt: skip
     rows = []
     for name in args.objectives.split(","):
         result = {"objective": name, "model": args.model, "batch": args.batch, "seq": args.seq}
