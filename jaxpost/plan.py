@@ -147,22 +147,26 @@ def resolve_dtype(
     return config
 
 
-AUTO_CHUNK_BYTES = 128 << 20  # one row's float32 logits above this are computed in chunks
-AUTO_CHUNK = 512
+# (backend: one row's float32 logits above this many bytes -> chunks of that many positions)
+AUTO_CHUNKS = {"cpu": (4 << 20, 128), "accelerator": (128 << 20, 512)}
 
 
 def resolve_logits_chunk(
     config: ml_collections.ConfigDict, backend: str | None = None
 ) -> ml_collections.ConfigDict:
     """`objective.logits_chunk_size=-1` (auto) made concrete for `backend` (default: this
-    process's): on GPU/TPU, chunks of 512 positions when one row's `[seq_len, vocab]` float32
+    process's). On GPU/TPU, chunks of 512 positions when one row's `[seq_len, vocab]` float32
     logits would exceed 128 MiB (e.g. seq 2048 x a 32k vocabulary), so they never sit in device
-    memory whole; on CPU, where memory is plentiful and the recomputation costs time, none."""
+    memory whole. On CPU, chunks of 128 above 4 MiB (e.g. seq 256 x an 8k vocabulary): there
+    the chunked head, which also skips prompt positions, was 1.2x faster than full logits even
+    with every position a target (bench-tiny SFT, tools/bench.py; docs/PERFORMANCE.md) -- the
+    log-softmax over whole rows is memory-bound. Small vocabularies keep full logits."""
     if int(config.objective.logits_chunk_size) != -1:
         return config
     backend = backend or jax.default_backend()
+    above, size = AUTO_CHUNKS["cpu" if backend == "cpu" else "accelerator"]
     row_bytes = 4 * int(config.data.seq_len) * int(config.model.vocab_size)
-    chunk = AUTO_CHUNK if backend != "cpu" and row_bytes > AUTO_CHUNK_BYTES else 0
+    chunk = size if row_bytes > above else 0
     config = config.copy_and_resolve_references()
     config.objective.logits_chunk_size = min(chunk, int(config.data.seq_len))
     return config

@@ -225,7 +225,7 @@ def test_a_run_that_died_before_saving_does_not_lock_its_workdir(tmp_path):
         main(base + ["--config.data.packing=first_fit"])
 
 
-def test_auto_logits_chunk_is_512_on_accelerators_when_a_rows_logits_are_large():
+def test_auto_logits_chunk_depends_on_the_backend_and_the_size_of_a_rows_logits():
     from jaxpost import plan
 
     config = smoke_config(**{"data.seq_len": 2048, "model.vocab_size": 32768})
@@ -233,8 +233,11 @@ def test_auto_logits_chunk_is_512_on_accelerators_when_a_rows_logits_are_large()
     # 2048 x 32768 float32 logits = 256 MiB per row > 128 MiB.
     assert plan.resolve_logits_chunk(config, "tpu").objective.logits_chunk_size == 512
     assert plan.resolve_logits_chunk(config, "gpu").objective.logits_chunk_size == 512
-    assert plan.resolve_logits_chunk(config, "cpu").objective.logits_chunk_size == 0
+    assert plan.resolve_logits_chunk(config, "cpu").objective.logits_chunk_size == 128
     small = smoke_config(**{"data.seq_len": 1024, "model.vocab_size": 32768})  # 128 MiB
     assert plan.resolve_logits_chunk(small, "tpu").objective.logits_chunk_size == 0
+    tiny = smoke_config(**{"data.seq_len": 128, "model.vocab_size": 8192})  # 4 MiB
+    assert plan.resolve_logits_chunk(tiny, "cpu").objective.logits_chunk_size == 0
+    assert plan.resolve_logits_chunk(smoke_config(), "cpu").objective.logits_chunk_size == 0
     fixed = smoke_config(**{"objective.logits_chunk_size": 64})
     assert plan.resolve_logits_chunk(fixed, "tpu").objective.logits_chunk_size == 64
