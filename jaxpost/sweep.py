@@ -45,6 +45,8 @@ class Point:
     workdir: str
     argv: list[str]  # `jaxpost` arguments: train --config=... --workdir=... --config.K=V ...
     num_steps: int
+    spec: str = ""  # the config file[:arg]
+    items: list[str] = dataclasses.field(default_factory=list)  # its overrides, KEY=VALUE
     status: str = "pending"  # pending, done, failed, incomplete
     error: str = ""
     eval: dict[str, float] = dataclasses.field(default_factory=dict)  # final eval metrics
@@ -88,7 +90,9 @@ def expand(spec: str, root: str, fixed: list[str] = ()) -> list[Point]:
         workdir = f"{root.rstrip('/')}/{name}"
         argv = ["train", f"--config={spec}", f"--workdir={workdir}"]
         argv += [f"--config.{o}" for o in items]
-        points.append(Point(name, dict(overrides), workdir, argv, int(config.train.num_steps)))
+        points.append(
+            Point(name, dict(overrides), workdir, argv, int(config.train.num_steps), spec, items)
+        )
     return points
 
 
@@ -121,10 +125,12 @@ def read_results(point: Point) -> Point:
 
 
 def _run_here(point: Point) -> None:
-    from jaxpost import main as main_lib
+    from jaxpost import train as train_lib
     from jaxpost.preemption import Preempted
 
-    summary = main_lib.main(point.argv)
+    config = config_lib.load_config(point.spec)
+    config_lib.apply_overrides(config, point.items)
+    summary = train_lib.train(config, point.workdir)
     if summary.get("stop_requested"):  # the point finished; the sweep stops here
         raise Preempted(summary["stop_requested"])
 
