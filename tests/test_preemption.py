@@ -107,15 +107,16 @@ COMMON = [
 
 @pytest.mark.slow
 def test_killed_and_restarted_runs_end_bit_identical(tmp_path):
-    """DPO with its precomputed reference: killed during the reference pass, killed while a
-    checkpoint is written, told to stop (SIGTERM: exit 75 with that step saved); restarted each
-    time, it ends with the uninterrupted run's parameters, bit for bit, and its metrics."""
+    """DPO with its precomputed reference: killed while a checkpoint is written, told to stop
+    (SIGTERM: exit 75 with that step saved); restarted each time, it ends with the uninterrupted
+    run's parameters, bit for bit, and its metrics. (Kills in the reference pass: the longer
+    soak in the note; its resume from finished chunks: tests/test_reference.py.)"""
     env = cpu_env(8)
     # Its own compilation cache: a process killed while writing one leaves an entry that makes
     # jax's cache eviction fail on every later write (jax/_src/lru_cache.py), which would slow
     # the rest of the suite.
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "xla_cache")
-    kinds = ("reference", "save", "term")
+    kinds = ("save", "term")
     result = soak.soak(
         f"{REPO}/configs/dpo.py:smoke",
         tmp_path,
@@ -127,12 +128,12 @@ def test_killed_and_restarted_runs_end_bit_identical(tmp_path):
         env=env,
     )
     assert result["kills"] == len(kinds), result["events"]
-    assert [e["kind"] for e in result["events"][:3]] == list(kinds)
+    assert [e["kind"] for e in result["events"][:2]] == list(kinds)
     assert result["final_steps"] == [10, 10]
     assert result["params_identical"], result
     assert result["metrics_identical"], result
     assert result["clean"], result["leftovers"]
-    term = result["events"][2]
+    term = result["events"][1]
     assert term["exit"] == preemption.PREEMPTED_EXIT, term
     log = (tmp_path / "killed.log").read_text()
     assert "reference log-probs" in log and "resumed at step" in log
