@@ -73,6 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
         simpo_gamma=0.5,  # simpo: target reward margin (beta is objective.beta, e.g. 2.0)
         # rm
         center_rewards_coefficient=0.0,
+        # rm, dpo, simpo, orpo: one encoding of each pair's common prompt -- a pair is one span
+        # of a packed row of 2 x data.seq_len tokens (prompt, chosen, rejected), so it costs
+        # prompt + 2 completions instead of 2 x (prompt + completion). Needs data.packing and
+        # an attention kernel with masks (xla, cudnn; not splash)
+        shared_prompt=False,
     )
     c.init = dict(
         # a Hugging Face model directory: its architecture replaces model.* (except dtype,

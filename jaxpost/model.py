@@ -228,7 +228,7 @@ def rope_frequencies(config: Config) -> jax.Array:
     and `_compute_llama3_parameters`)."""
     c = config
     inv_freq = 1.0 / (
-        c.rope_theta ** (jnp.arange(0, c.head_dim, 2, dtype=jnp.float32) / c.head_dim)
+        c.rope_theta ** (jnp.arange(0, c.head_dim, 2, dtype=logits_dtype(c)) / c.head_dim)
     )
     if c.rope_scaling == "linear":
         return inv_freq / c.rope_factor
@@ -250,7 +250,8 @@ def rope_frequencies(config: Config) -> jax.Array:
 
 def rope_tables(positions_BL: jax.Array, config: Config) -> tuple[jax.Array, ...]:
     """cos and sin tables `[B, L, Dh]` for transformers-style rotary embeddings."""
-    angles_BLd = positions_BL.astype(jnp.float32)[..., None] * rope_frequencies(config)
+    # float32 (float64 for float64 models), as the logits
+    angles_BLd = positions_BL.astype(logits_dtype(config))[..., None] * rope_frequencies(config)
     angles_BLD = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)
     return jnp.cos(angles_BLD), jnp.sin(angles_BLD)
 
@@ -260,19 +261,36 @@ def apply_rope(x_BLHD: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> jax
     x1, x2 = x_BLHD[..., :half], x_BLHD[..., half:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     cos, sin = cos_BLD[:, :, None, :], sin_BLD[:, :, None, :]
-    out = x_BLHD.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    dtype = jnp.promote_types(x_BLHD.dtype, jnp.float32)
+    out = x_BLHD.astype(dtype) * cos + rotated.astype(dtype) * sin
     return out.astype(x_BLHD.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array, sliding_window: int = 0) -> jax.Array:
+def attention_mask(
+    segment_ids_BL: jax.Array,
+    sliding_window: int = 0,
+    branch_ids_BL: jax.Array | None = None,
+    positions_BL: jax.Array | None = None,
+) -> jax.Array:
     """`[B, 1, L, L]` boolean: causal and within the same segment (packed rows never mix), and
-    with `sliding_window > 0` at most that many positions back (the query's own included)."""
+    with `sliding_window > 0` at most that many positions back (the query's own included).
+
+    With `branch_ids_BL`, a segment is a shared part (branch 0) followed by branches 1, 2, ...:
+    a token sees the shared part and its own branch, never another branch (shared-prompt
+    preference pairs: the rejected completion does not see the chosen one). The sliding window
+    then counts `positions_BL` (required with both), since across a skipped branch row offsets
+    exceed position offsets."""
     L = segment_ids_BL.shape[-1]
     q_L1, k_1L = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
     allowed_LL = k_1L <= q_L1
-    if sliding_window > 0:
+    if sliding_window > 0 and branch_ids_BL is None:
         allowed_LL &= q_L1 - k_1L < sliding_window
     same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    if branch_ids_BL is not None:
+        k_branch_B1L = branch_ids_BL[:, None, :]
+        same_BLL &= (k_branch_B1L == 0) | (k_branch_B1L == branch_ids_BL[:, :, None])
+        if sliding_window > 0:
+            same_BLL &= positions_BL[:, :, None] - positions_BL[:, None, :] < sliding_window
     return (allowed_LL[None] & same_BLL)[:, None]
 
 
@@ -430,6 +448,7 @@ class Decoder(nn.Module):
         *,
         return_hidden: bool = False,
         cache: Params | None = None,
+        branch_ids_BL: jax.Array | None = None,
     ) -> jax.Array:
         """Forward pass.
 
@@ -444,6 +463,8 @@ class Decoder(nn.Module):
             `{"k", "v"}: [n, B, S, K, Dh]`. The new tokens' keys and values are written at slots
             `positions_BL`, each token attends to the slots up to its position, and the result
             is `(logits, new_cache)`. Segment ids are not used with a cache.
+          branch_ids_BL: branches within a segment (see `attention_mask`), for shared-prompt
+            pairs; the splash kernel cannot mask them.
         """
         cfg = self.config
         B, L = tokens_BL.shape
@@ -461,10 +482,18 @@ class Decoder(nn.Module):
         x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
         cos_BLD, sin_BLD = rope_tables(positions_BL, cfg)
+        if branch_ids_BL is not None and _kernel(self, cache) == "splash":
+            raise ValueError(
+                "shared-prompt pairs (branch ids) need an attention mask the splash kernel "
+                "cannot express: set --config.model.attention=xla, or "
+                "--config.objective.shared_prompt=false"
+            )
         if _kernel(self, cache) == "splash":
             mask_B1LS = None  # the kernel masks from the segment ids, block by block
         elif cache is None:
-            mask_B1LS = attention_mask(segment_ids_BL, cfg.sliding_window)
+            mask_B1LS = attention_mask(
+                segment_ids_BL, cfg.sliding_window, branch_ids_BL, positions_BL
+            )
         else:
             mask_B1LS = cache_mask(positions_BL, cache["k"].shape[2], cfg.sliding_window)
 
@@ -561,15 +590,15 @@ class RewardModel(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, branch_ids_BL=None):
         cfg = self.config
         hidden_BLD = Decoder(cfg, name="decoder")(
-            tokens_BL, positions_BL, segment_ids_BL, return_hidden=True
+            tokens_BL, positions_BL, segment_ids_BL, return_hidden=True, branch_ids_BL=branch_ids_BL
         )
         score_D = _param(self, "score", (cfg.d_model,), ("embed",), _init(cfg.init_std))
         return jnp.einsum(
             "bld,d->bl", hidden_BLD, score_D, preferred_element_type=logits_dtype(cfg)
-        ).astype(jnp.float32)
+        ).astype(logits_dtype(cfg))
 
 
 def last_token_values(values_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:

@@ -30,17 +30,32 @@ TRUNCATIONS = ("keep_start", "keep_end", "drop")
 # log-prob objectives) -- both as next-token `inputs`/`targets` (`inputs = ids[:-1]`) -- and
 # "reward_pairs": preference pairs of whole sequences (`inputs = ids`, no targets), so a reward
 # model reads each sequence at its own last token, as transformers' sequence classifiers do.
-KINDS = ("sft", "pairs", "reward_pairs")
+# The "shared_" kinds hold the same pairs with one encoding of their common prompt: a pair is
+# one span of a `[2 * seq_len]` row -- prompt, chosen, rejected -- whose `branch_ids` (0 prompt,
+# 1 chosen, 2 rejected) keep the rejected tokens from attending to the chosen ones, and whose
+# positions continue from the prompt in both branches (`shared_features`).
+KINDS = ("sft", "pairs", "reward_pairs", "shared_pairs", "shared_reward_pairs")
 KEPT, DROPPED, INVALID = 1, 2, 3  # `scan` status codes (0: not scanned by this process)
 
 
 def is_pairs(kind: str) -> bool:
-    return kind in ("pairs", "reward_pairs")
+    return kind in ("pairs", "reward_pairs", "shared_pairs", "shared_reward_pairs")
+
+
+def is_shared(kind: str | None) -> bool:
+    """Whether rows of `kind` hold each pair's prompt once (see `KINDS`)."""
+    return kind in ("shared_pairs", "shared_reward_pairs")
 
 
 def next_token_rows(kind: str) -> bool:
     """Whether rows of `kind` hold next-token `inputs`/`targets` (else whole sequences)."""
-    return kind != "reward_pairs"
+    return kind not in ("reward_pairs", "shared_reward_pairs")
+
+
+def row_length(kind: str | None, seq_len: int) -> int:
+    """Tokens in one row: `seq_len`, or twice it for shared-prompt pair rows (the tokens of a
+    `[2, seq_len]` unshared pair row, which every pair that fits `seq_len` fits)."""
+    return 2 * seq_len if is_shared(kind) else seq_len
 
 
 @dataclasses.dataclass

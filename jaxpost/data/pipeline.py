@@ -33,8 +33,10 @@ from jaxpost.data.examples import (  # noqa: F401  (re-exported: the pipeline's 
     Settings,
     TokenizerHandle,
     is_pairs,
+    is_shared,
     make_tokenizer,
     next_token_rows,
+    row_length,
 )
 
 log = logging.getLogger("jaxpost")
@@ -46,8 +48,9 @@ _SEQ_FEATURES = ("inputs", "targets", "loss_mask")
 LARGE_RAW_SOURCE = 200_000
 
 
-def _row_keys(shift: bool) -> tuple[str, ...]:
-    return SFT_KEYS if shift else ("inputs", "loss_mask", "segment_ids", "positions")
+def _row_keys(shift: bool, shared: bool = False) -> tuple[str, ...]:
+    keys = SFT_KEYS if shift else ("inputs", "loss_mask", "segment_ids", "positions")
+    return keys + ("branch_ids",) if shared else keys
 
 
 @dataclasses.dataclass
@@ -268,6 +271,31 @@ def _sequence_features(e: Example, shift: bool, prefix: str = "") -> dict[str, n
     }
 
 
+def shared_features(ex: PairExample, shift: bool) -> dict[str, np.ndarray]:
+    """A pair as one sequence that holds its common prompt once (the "shared_" kinds).
+
+    The leading rows of the two sequences' features (`_sequence_features`) that agree and carry
+    no loss -- the prompt, less its last token when `shift` (that one predicts each side's first
+    completion token, so each branch holds its own copy) -- come once, branch 0; then the rest
+    of the chosen sequence (branch 1), then the rest of the rejected one (branch 2), its
+    positions continuing from the shared part. Each branch keeps at least one token. Attention
+    within the span is causal and never from branch 2 to branch 1 (`model.attention_mask`), so
+    every token sees exactly what it sees in its own sequence.
+    """
+    c = _sequence_features(ex.chosen, shift)
+    r = _sequence_features(ex.rejected, shift)
+    nc, nr = len(c["inputs"]), len(r["inputs"])
+    m = min(nc, nr) - 1
+    same = c["loss_mask"][:m] == 0
+    for k in c:
+        same &= c[k][:m] == r[k][:m]
+    n = m if same.all() else int(np.argmin(same))
+    out = {k: np.concatenate([c[k], r[k][n:]]).astype(np.int32) for k in c}
+    out["positions"] = np.concatenate([np.arange(nc), np.arange(n, nr)]).astype(np.int32)
+    out["branch_ids"] = np.repeat(np.int32([0, 1, 2]), [n, nc - n, nr - n])
+    return out
+
+
 def to_row(
     ex: Example | PairExample, seq_len: int, kind: str | None = None
 ) -> dict[str, np.ndarray]:
@@ -275,14 +303,23 @@ def to_row(
     position t predicts `targets[t]` from `inputs[:t+1]`. "reward_pairs" rows hold the whole
     sequences in `inputs` (no `targets`).
 
-    A `PairExample` gives `[2, seq_len]` arrays (chosen, rejected) and, when present,
-    `ref_logps` `[1, 2]` (one segment).
+    A `PairExample` gives `[2, seq_len]` arrays (chosen, rejected) -- for the "shared_" kinds
+    one `[2 * seq_len]` row (`shared_features`) -- and, when present, `ref_logps` `[1, 2]` (one
+    segment).
     """
     shift = kind is None or next_token_rows(kind)
     if isinstance(ex, Example):
         return _sequence_row(ex, seq_len, shift)
-    c, r = _sequence_row(ex.chosen, seq_len, shift), _sequence_row(ex.rejected, seq_len, shift)
-    row = {k: np.stack([c[k], r[k]]) for k in _row_keys(shift)}
+    if is_shared(kind):
+        features = shared_features(ex, shift)
+        n = len(features["inputs"])
+        row = {k: np.zeros(row_length(kind, seq_len), np.int32) for k in _row_keys(shift, True)}
+        for k, v in features.items():
+            row[k][:n] = v
+        row["segment_ids"][:n] = 1
+    else:
+        c, r = _sequence_row(ex.chosen, seq_len, shift), _sequence_row(ex.rejected, seq_len, shift)
+        row = {k: np.stack([c[k], r[k]]) for k in _row_keys(shift)}
     if ex.ref_logps is not None:
         row["ref_logps"] = np.asarray(ex.ref_logps, np.float32).reshape(1, 2)  # [S=1, 2]
     return row
@@ -292,21 +329,25 @@ def _split_accum(batch: dict[str, np.ndarray], accum_steps: int) -> dict[str, np
     return {k: v.reshape(accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
-def _features(ex, shift: bool = True) -> dict[str, np.ndarray]:
+def _features(ex, shift: bool = True, shared: bool = False) -> dict[str, np.ndarray]:
     """Variable-length features of one example, for grain's packers (pairs: chosen_*/rejected_*
-    packed side by side, so segment k of both rows is the same pair)."""
+    packed side by side, so segment k of both rows is the same pair; shared-prompt pairs: one
+    sequence with its own positions and branch ids)."""
     if isinstance(ex, Example):
         return _sequence_features(ex, shift)
-    out = {
-        **_sequence_features(ex.chosen, shift, "chosen_"),
-        **_sequence_features(ex.rejected, shift, "rejected_"),
-    }
+    if shared:
+        out = shared_features(ex, shift)
+    else:
+        out = {
+            **_sequence_features(ex.chosen, shift, "chosen_"),
+            **_sequence_features(ex.rejected, shift, "rejected_"),
+        }
     if ex.ref_logps is not None:
         out["ref_logps"] = np.asarray(ex.ref_logps, np.float32).reshape(1, 2)
     return out
 
 
-def _packed_row(packed: dict[str, np.ndarray], pairs: bool) -> dict[str, np.ndarray]:
+def _packed_row(packed: dict[str, np.ndarray], pairs: bool, shared: bool) -> dict[str, np.ndarray]:
     def seq(prefix: str = "") -> dict[str, np.ndarray]:
         row = {
             k: packed[prefix + k].astype(np.int32) for k in _SEQ_FEATURES if prefix + k in packed
@@ -317,8 +358,14 @@ def _packed_row(packed: dict[str, np.ndarray], pairs: bool) -> dict[str, np.ndar
 
     if not pairs:
         return seq()
-    c, r = seq("chosen_"), seq("rejected_")
-    row = {k: np.stack([c[k], r[k]]) for k in c}
+    if shared:
+        row = seq()
+        # the pairs' own positions (continuing from the prompt in both branches)
+        row["positions"] = packed["positions"].astype(np.int32)
+        row["branch_ids"] = packed["branch_ids"].astype(np.int32)
+    else:
+        c, r = seq("chosen_"), seq("rejected_")
+        row = {k: np.stack([c[k], r[k]]) for k in c}
     if "ref_logps" in packed:
         row["ref_logps"] = packed["ref_logps"].astype(np.float32)  # [S, 2]
     return row
@@ -333,19 +380,21 @@ def _pack(
     segments: int,
     bins: int,
     seed: int,
-    shift: bool = True,
+    kind: str | None = None,
 ) -> grain.IterDataset:
-    """Pack variable-length examples into rows of `seq_len` (at most `segments` per row)."""
+    """Pack variable-length examples into rows of `row_length(kind, seq_len)` (at most
+    `segments` per row)."""
     pairs = isinstance(example, PairExample)
-    features = _features(example, shift)
-    lengths = {k: seq_len for k in features if k != "ref_logps"}
+    shift, shared = kind is None or next_token_rows(kind), is_shared(kind)
+    features = _features(example, shift, shared)
+    lengths = {k: row_length(kind, seq_len) for k in features if k != "ref_logps"}
     if "ref_logps" in features:
         lengths["ref_logps"] = segments
     cls = {
         "first_fit": grain.experimental.FirstFitPackIterDataset,
         "best_fit": grain.experimental.BestFitPackIterDataset,
     }[packing]
-    ds = ds.map(functools.partial(_features, shift=shift))
+    ds = ds.map(functools.partial(_features, shift=shift, shared=shared))
     ds = cls(
         ds,
         length_struct=lengths,
@@ -354,7 +403,7 @@ def _pack(
         shuffle_bins=True,
         max_sequences_per_bin=segments,
     )
-    return ds.map(functools.partial(_packed_row, pairs=pairs))
+    return ds.map(functools.partial(_packed_row, pairs=pairs, shared=shared))
 
 
 def make_train_iterator(
@@ -383,7 +432,6 @@ def make_train_iterator(
     shuffled and repeated on its own. `kind` (see `KINDS`) picks the row layout; the default
     is next-token rows.
     """
-    shift = kind is None or next_token_rows(kind)
     if packing not in PACKINGS:
         raise ValueError(f"config.data.packing={packing!r} is not one of {PACKINGS}")
     sources = examples if mixture_weights is not None else [examples]
@@ -410,7 +458,7 @@ def make_train_iterator(
             segments=segments_per_row,
             bins=packing_bins,
             seed=seed,
-            shift=shift,
+            kind=kind,
         )
     ds = ds.batch(accum_steps * micro_batch, drop_remainder=True)
     ds = ds.map(functools.partial(_split_accum, accum_steps=accum_steps))
@@ -467,7 +515,7 @@ def pack_examples(
         segments=segments_per_row,
         bins=packing_bins,
         seed=0,
-        shift=kind is None or next_token_rows(kind),
+        kind=kind,
     )
     return list(ds)
 

@@ -6,6 +6,7 @@ See `jaxpost.objectives.base` for the `Objective` contract. Each objective modul
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,4 +41,12 @@ def make_objective(
         raise ValueError(f"config.objective.name={name!r} is not one of {sorted(REGISTRY)}")
     if isinstance(model_config, nn.Module):  # accept a Decoder for convenience
         model_config = model_config.config
-    return REGISTRY[name](objective_config, model_config, int(segments_per_row))
+    objective = REGISTRY[name](objective_config, model_config, int(segments_per_row))
+    if objective_config["shared_prompt"]:
+        if objective.data_kind not in ("pairs", "reward_pairs"):
+            raise ValueError(
+                f"config.objective.shared_prompt=True is for preference pairs (rm, dpo, simpo, "
+                f"orpo); objective {name!r} reads {objective.data_kind!r} rows"
+            )
+        objective = dataclasses.replace(objective, data_kind="shared_" + objective.data_kind)
+    return objective

@@ -42,7 +42,8 @@ class Objective:
     model: nn.Module  # what `init` builds and `loss_fn` applies
     # The rows it reads (`jaxpost.data.pipeline.KINDS`): "sft" (single sequences), "pairs"
     # ([..., 2, L] chosen/rejected, next-token inputs/targets) or "reward_pairs" (pairs of whole
-    # sequences: a reward is read at each sequence's own last token).
+    # sequences: a reward is read at each sequence's own last token); "shared_pairs" and
+    # "shared_reward_pairs" for the same pairs with each prompt once (`objective.shared_prompt`).
     data_kind: str
     loss_fn: Callable[[Any, Mapping[str, Any], Any], tuple[dict, dict]]
     denominators: Callable[[Mapping[str, Any]], dict]
@@ -75,11 +76,14 @@ class Objective:
 
     def flops_per_row(self, seq_len: int) -> float:
         """Training FLOPs of one batch row (PaLM convention, see `model.flops_per_token`): both
-        sequences of a pair, plus a frozen forward pass (2N of 6N) when there is one."""
+        sequences of a pair (a shared-prompt row: one sequence of `2 * seq_len`), plus a frozen
+        forward pass (2N of 6N) when there is one."""
+        sequences = 1 if self.data_kind == "sft" else 2
+        if self.data_kind.startswith("shared_"):
+            seq_len, sequences = 2 * seq_len, 1
         per_token = model_lib.flops_per_token(
             self.model.config, seq_len, lm_head=self.params_kind == "causal_lm"
         )
         if self.frozen is not None:
             per_token *= 4 / 3
-        sequences = 1 if self.data_kind == "sft" else 2
         return per_token * seq_len * sequences

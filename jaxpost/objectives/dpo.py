@@ -1,6 +1,7 @@
 """Direct preference optimization (and its family) on the shared loop.
 
-Batches are pairs `[B, 2, L]`; the policy runs once over `2B` rows. The reference is either a
+Batches are pairs `[B, 2, L]`, run as `2B` rows, or shared-prompt rows `[B, 2L]`
+(`objective.shared_prompt`, see `_pairs`); the policy runs once over them. The reference is either a
 frozen copy of the initial policy passed as `frozen` (`objective.reference="frozen"`, the
 objective's `frozen` hook), or log-probs computed once before training and carried in the batch
 as `ref_logps` `[B, 2]` (`"precomputed"`, its `prepare` hook: no reference parameters on device
@@ -30,7 +31,7 @@ def pair_logps(params, batch, *, model, segments=1, logits_chunk=0):
     """Per pair `[B*S]`: `(logps, lengths, summed mean-logits)` as `(chosen, rejected)` tuples,
     and the `[B*S]` mask of real pairs. Each packed segment is one sequence."""
     B = batch["inputs"].shape[0]
-    flat = _pairs.flatten_pairs(batch)
+    flat = _pairs.flat_rows(batch)
     token_NL, _, mean_logits_NL = _tokens.token_stats(
         params,
         model,
@@ -40,14 +41,12 @@ def pair_logps(params, batch, *, model, segments=1, logits_chunk=0):
         flat["targets"],
         logits_chunk,
         flat["loss_mask"],
+        flat.get("branch_ids"),
     )
     mask_NL = flat["loss_mask"] > 0
-    seg_NL = flat["segment_ids"]
 
     def per_pair(values_NL):
-        return _pairs.per_pair(
-            losses.segment_sum(jnp.where(mask_NL, values_NL, 0.0), seg_NL, segments), B
-        )
+        return _pairs.per_pair_sum(jnp.where(mask_NL, values_NL, 0.0), flat, B, segments)
 
     return (
         per_pair(token_NL),
@@ -111,7 +110,7 @@ def denominators(batch, *, loss_types, segments):
     if any(t != "sft" for t in loss_types):
         out["pairs"] = _pairs.count_pairs(batch, segments)
     if "sft" in loss_types:
-        out["sft"] = jnp.sum(batch["loss_mask"][..., 0, :] > 0)
+        out["sft"] = _pairs.chosen_tokens(batch)
     return out
 
 

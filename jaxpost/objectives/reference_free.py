@@ -52,7 +52,7 @@ def loss_fn(params, batch, frozen, *, model, segments, logits_chunk, kind, beta,
 def denominators(batch, *, kind, segments):
     out = {"pairs": _pairs.count_pairs(batch, segments)}
     if kind == "orpo":
-        out["nll"] = jnp.sum(batch["loss_mask"][..., 0, :] > 0)
+        out["nll"] = _pairs.chosen_tokens(batch)
     return out
 
 

@@ -24,12 +24,15 @@ def pair_rewards(params, batch, *, model, segments=1):
     """`(chosen, rejected)` rewards `[B*S]`, read at the last real token of each sequence
     (each packed segment), and the `[B*S]` mask of real pairs."""
     B = batch["inputs"].shape[0]
-    flat = _pairs.flatten_pairs(batch)
+    flat = _pairs.flat_rows(batch)
     scores_NL = model.apply(
-        {"params": params}, flat["inputs"], flat["positions"], flat["segment_ids"]
+        {"params": params},
+        flat["inputs"],
+        flat["positions"],
+        flat["segment_ids"],
+        flat.get("branch_ids"),
     )
-    last_NS = losses.segment_last(scores_NL, flat["segment_ids"], segments)
-    rc, rr = _pairs.per_pair(last_NS, B)
+    rc, rr = _pairs.per_pair_last(scores_NL, flat, B, segments)
     return rc, rr, _pairs.pair_mask(batch, segments)
 
 
