@@ -214,13 +214,15 @@ class Throughput:
         return (time.perf_counter() - self.t0) / self.steps if self.steps else 0.0
 
     def rates(self) -> dict[str, float]:
-        """`tokens_per_sec` and `mfu` of the window (empty when it holds no step)."""
+        """`tokens_per_sec`, `mfu` and `seconds_per_step` of the window (empty when it holds
+        no step)."""
         if not self.steps:
             return {}
         elapsed = time.perf_counter() - self.t0
         return {
             "tokens_per_sec": self.tokens / elapsed,
             "mfu": self.flops_per_step * self.steps / elapsed / self.peak_flops,
+            "seconds_per_step": elapsed / self.steps,
         }
 
 

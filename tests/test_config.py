@@ -134,7 +134,15 @@ def test_cli_writes_config_metrics_and_tensorboard_then_refuses_a_different_mode
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4]
-    for key in ("loss", "grad_norm", "learning_rate", "num_tokens", "tokens_per_sec", "mfu"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "num_tokens",
+        "tokens_per_sec",
+        "mfu",
+        "seconds_per_step",
+    ):
         assert key in train_rows[-1]
     assert any("eval/loss" in r for r in rows)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))

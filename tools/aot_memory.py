@@ -4,10 +4,11 @@
   JAX_PLATFORMS=cpu python tools/aot_memory.py [--only ROW_SUBSTRING ...] [--json OUT.jsonl]
 
 Each row is `jaxpost plan` (`jaxpost.memory`) for one preset x objective x seq_len x topology:
-one sequence (pair) per chip, bf16 compute, float32 master weights and Adam state, the whole
-slice on the fsdp axis. Prints a Markdown table (per-chip temporaries, arguments, peak vs HBM;
-a compile that runs out of memory is "does not fit: needed > available") and the collective
-instructions of each compiled step. Compiles take minutes each on 2 CPU cores.
+one sequence (pair) per chip unless it says `xN/chip`, bf16 compute, float32 master weights
+and Adam state, the whole slice on the fsdp axis. Prints a Markdown table (per-chip
+temporaries, arguments, peak vs HBM; a compile that runs out of memory is "does not fit: needed
+> available") and the collective instructions of each compiled step. Compiles take minutes
+each on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Row:
     mesh: tuple[int, int] = (1, -1)  # (data, fsdp)
     chunk: int = 0  # objective.logits_chunk_size: 0 = full logits, -1 = auto (the default)
     attention: str = "xla"  # model.attention; "auto" picks splash attention on TPUs
+    per_chip: int = 1  # sequences (pairs) per chip
+    shared: bool = False  # objective.shared_prompt (packed rows of 2 x seq_len)
 
     @property
     def name(self) -> str:
@@ -53,9 +56,14 @@ class Row:
         chunk = (
             "" if self.chunk == 0 else f" logits_chunk={'auto' if self.chunk < 0 else self.chunk}"
         )
+        extra = (f" x{self.per_chip}/chip" if self.per_chip != 1 else "") + (
+            " shared_prompt" if self.shared else ""
+        )
+        if self.attention != "xla":
+            extra += f" attention={self.attention}"
         return (
             f"{self.preset} {self.objective} {self.seq_len} {self.topology} "
-            f"remat={self.remat}{mesh}{chunk}"
+            f"remat={self.remat}{mesh}{chunk}{extra}"
         )
 
 
@@ -77,6 +85,14 @@ ROWS = (
     Row("bench-1b", "sft", 8192, "v5p-128", attention="auto"),
     Row("bench-1b", "sft", 8192, "v5p-128", "full", attention="auto"),
     Row("bench-1b", "sft", 8192, "v5p-128", chunk=-1, attention="auto"),
+    # Equal tokens per step (issue 12's memory target: pairs <= 1.1x SFT): two sequences per
+    # chip for SFT, one pair for DPO (precomputed reference) and RM; today's defaults.
+    Row("bench-1b", "sft", 2048, "v5p-128", chunk=-1, attention="auto", per_chip=2),
+    Row("bench-1b", "dpo", 2048, "v5p-128", chunk=-1, attention="auto"),
+    Row("bench-1b", "rm", 2048, "v5p-128", chunk=-1, attention="auto"),
+    # Shared prompts take XLA attention (a mask splash cannot express): rows of 4096 tokens.
+    Row("bench-1b", "sft", 2048, "v5p-128", chunk=-1, per_chip=2),
+    Row("bench-1b", "dpo", 2048, "v5p-128", chunk=-1, shared=True),
 )
 
 
@@ -94,13 +110,15 @@ def row_config(row: Row):
         config,
         [
             f"data.seq_len={row.seq_len}",
-            f"train.global_batch={target.chips}",  # one sequence (pair) per chip
+            f"train.global_batch={target.chips * row.per_chip}",
             "train.accum_steps=1",
             f"eval.batch_size={target.chips}",
             f"mesh.data={data}",
             f"mesh.fsdp={fsdp}",
             "mesh.tensor=1",
             f"objective.logits_chunk_size={row.chunk}",
+            f"objective.shared_prompt={row.shared}",
+            f"data.packing={'first_fit' if row.shared else 'none'}",
         ],
     )
     return config

@@ -3,10 +3,14 @@
   python tools/bench.py --objective sft --model bench-tiny --batch 16 --seq 256 [--steps 10]
 
 --objective rm|dpo runs pairs (`--batch` pairs of two sequences; DPO with precomputed reference
-log-probs, its default). Prints one JSON line: step time, tokens/s (per chip and total), MFU
-against the peak that
-`jaxpost.metrics.peak_flops` reports (data-sheet bf16 peak on TPU/GPU; measured float32 matmul on
-CPU), and peak device memory where the backend reports it.
+log-probs, its default). `--shared` runs the same pairs with each prompt encoded once
+(`objective.shared_prompt`): one row of prompt + chosen + rejected per pair; `--targets` sets
+the completion's share of each sequence (0.5: prompt:completion 1:1, 0.25: 3:1).
+
+Prints one JSON line: step time, tokens/s (per chip and total; the data's tokens, a pair's
+prompt counted twice, so shared and unshared rows compare), pairs/s, MFU against the peak that
+`jaxpost.metrics.peak_flops` reports (data-sheet bf16 peak on TPU/GPU; measured float32 matmul
+on CPU; the FLOPs of the tokens that run), and peak device memory where the backend reports it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from jaxpost import config as config_lib
 from jaxpost import metrics, objectives, optim, sharding
 from jaxpost import model as model_lib
 from jaxpost import step as step_lib
+from jaxpost.data import pipeline
 
 
 def synthetic_batch(
@@ -50,6 +55,38 @@ def synthetic_batch(
     return out
 
 
+def synthetic_shared_batch(
+    objective_name: str, batch: int, seq: int, vocab: int, accum: int, seed=0, targets=1.0
+):
+    """The pairs of `synthetic_batch` (each side `seq` tokens, its last `targets` fraction a
+    completion after a prompt both sides share) as shared-prompt rows `[A, B, L]`, one pair
+    per row, `L` what the pair needs (`pipeline.shared_features`), padded to a multiple of 8."""
+    rng = np.random.default_rng(seed)
+    shift = objective_name != "rm"
+    n = seq + 1 if shift else seq
+    completion = round(targets * seq)
+    rows = []
+    for _ in range(batch):
+        prompt = rng.integers(3, vocab, n - completion, dtype=np.int32)
+        mask = np.r_[np.zeros(n - completion), np.ones(completion)].astype(np.int32)
+        sides = [
+            pipeline.Example(
+                np.r_[prompt, rng.integers(3, vocab, completion, dtype=np.int32)], mask
+            )
+            for _ in range(2)
+        ]
+        rows.append(pipeline.shared_features(pipeline.PairExample(*sides), shift))
+    length = -(-max(len(r["inputs"]) for r in rows) // 8) * 8
+    out = {k: np.zeros((batch, length), np.int32) for k in (*rows[0], "segment_ids")}
+    for b, r in enumerate(rows):
+        for k, v in r.items():
+            out[k][b, : len(v)] = v
+        out["segment_ids"][b, : len(r["inputs"])] = 1
+    if objective_name == "dpo":
+        out["ref_logps"] = rng.normal(-seq * 5.0, 1.0, size=(batch, 1, 2)).astype(np.float32)
+    return {k: v.reshape(accum, batch // accum, *v.shape[1:]) for k, v in out.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objective", default="sft", choices=["sft", "rm", "dpo"])
@@ -71,11 +108,17 @@ def main():
     parser.add_argument(
         "--targets", type=float, default=1.0, help="fraction of each row that carries the loss"
     )
+    parser.add_argument(
+        "--shared", action="store_true", help="rm/dpo: shared-prompt rows (objective.shared_prompt)"
+    )
     args = parser.parse_args()
+    if args.shared and args.objective == "sft":
+        parser.error("--shared is for pairs (rm, dpo)")
 
     config = config_lib.base_config()
     config.objective.name = args.objective
     config.objective.logits_chunk_size = args.logits_chunk
+    config.objective.shared_prompt = args.shared
     model_config = model_lib.preset(
         args.model, dtype=args.dtype, remat=args.remat, attention=args.attention
     )
@@ -85,7 +128,7 @@ def main():
     model = objective.model
     tx = optim.make_optimizer(config.optim, 1000)
     schedule = optim.make_schedule(config.optim, 1000)
-    batch_np = synthetic_batch(
+    batch_np = (synthetic_shared_batch if args.shared else synthetic_batch)(
         args.objective, args.batch, args.seq, model_config.vocab_size, args.accum,
         targets=args.targets,
     )  # fmt: skip
@@ -107,10 +150,14 @@ def main():
         jax.block_until_ready((state, m))
         step_s = (time.perf_counter() - t0) / args.steps
     peak, peak_source = metrics.peak_flops()
-    sequences = args.batch * (2 if args.objective in ("rm", "dpo") else 1)
+    pairs = args.objective in ("rm", "dpo")
+    # tokens of the data (both sides of a pair, prompts twice), so that shared rows compare
+    sequences = args.batch * (2 if pairs else 1)
     tokens = sequences * args.seq
-    flops = model_lib.flops_per_token(model_config, args.seq, lm_head=args.objective != "rm")
-    flops *= tokens
+    run_len = batch_np["inputs"].shape[-1]  # the tokens that run: one row per sequence or pair
+    run_tokens = batch_np["inputs"].size
+    flops = model_lib.flops_per_token(model_config, run_len, lm_head=args.objective != "rm")
+    flops *= run_tokens
     mem = jax.devices()[0].memory_stats() or {}
     print(
         json.dumps(
@@ -123,6 +170,8 @@ def main():
                 "remat": args.remat,
                 "logits_chunk": args.logits_chunk,
                 "targets": args.targets,
+                "shared": args.shared,
+                "row_len": run_len,
                 "attention": model_lib.attention_kernel(model_config),
                 "mesh": dict(mesh.shape),
                 "device": jax.devices()[0].device_kind,
@@ -131,6 +180,7 @@ def main():
                 "compile_s": round(compile_s, 2),
                 "step_s": round(step_s, 4),
                 "tokens_per_s": round(tokens / step_s, 1),
+                **({"pairs_per_s": round(args.batch / step_s, 2)} if pairs else {}),
                 "tokens_per_s_per_chip": round(tokens / step_s / jax.device_count(), 1),
                 "mfu": round(flops / step_s / peak, 4),
                 "peak_flops": peak,
