@@ -22,4 +22,6 @@ lint: install
 	if [ -f ../shared/tools/import_cycles.py ]; then $(BIN)/python ../shared/tools/import_cycles.py jaxpost; fi
 
 test: install lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/pytest -q -n auto --dist worksteal tests
+	# huge pages for glibc malloc: XLA:CPU steps fault far less (docs/PERFORMANCE.md)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+		$(BIN)/pytest -q -n auto --dist worksteal tests

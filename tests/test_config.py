@@ -249,3 +249,22 @@ def test_auto_logits_chunk_depends_on_the_backend_and_the_size_of_a_rows_logits(
     assert plan.resolve_logits_chunk(smoke_config(), "cpu").objective.logits_chunk_size == 0
     fixed = smoke_config(**{"objective.logits_chunk_size": 64})
     assert plan.resolve_logits_chunk(fixed, "tpu").objective.logits_chunk_size == 64
+
+
+def test_the_cli_asks_glibc_for_huge_pages_once():
+    from jaxpost.main import MALLOC_TUNABLE, malloc_env
+
+    glibc = ("glibc", "2.36")
+    env = malloc_env({"PATH": "/bin"}, glibc, "linux")
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": MALLOC_TUNABLE, "_JAXPOST_REEXEC": "1"}
+    # other tunables are kept; the re-executed process never re-executes, even where glibc
+    # dropped the variable (setuid or capability binaries)
+    assert malloc_env({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, glibc, "linux")[
+        "GLIBC_TUNABLES"
+    ] == ("glibc.pthread.rseq=0:" + MALLOC_TUNABLE)
+    assert malloc_env(env, glibc, "linux") is None
+    assert malloc_env({"_JAXPOST_REEXEC": "1"}, glibc, "linux") is None
+    assert malloc_env({"JAXPOST_MALLOC_TUNING": "0"}, glibc, "linux") is None
+    assert malloc_env({}, ("glibc", "2.31"), "linux") is None  # no such tunable before 2.35
+    assert malloc_env({}, ("", ""), "linux") is None  # musl, or not known
+    assert malloc_env({}, glibc, "darwin") is None

@@ -182,3 +182,16 @@ def test_shared_prompt_dpo_trains(tmp_path):
     assert np.isfinite(summary["eval_after"]["loss"])
     assert np.isfinite(summary["last_train_metrics"]["loss"])
     assert '"_data_kind": "shared_pairs"' in (tmp_path / "run" / "config.json").read_text()
+
+
+def test_the_layout_does_not_change_what_the_examples_are():
+    """The examples' digest (the precomputed reference's cache key) ignores the row layout:
+    switching shared prompts on reuses the reference log-probs."""
+    handle = pipeline._handle(TOK)
+    digests = {
+        kind: pipeline.open_examples(
+            "builtin:sort_prefs", "eval", handle, pipeline.Settings(kind, 48)
+        )[0].digest
+        for kind in ("pairs", "shared_pairs", "sft")
+    }
+    assert digests["pairs"] == digests["shared_pairs"] != digests["sft"]

@@ -481,7 +481,9 @@ def scan_examples(
         result = decode_scans(parts, n)
     kept = np.flatnonzero(result.status == KEPT)
     kept = kept.astype(np.int32 if n < 2**31 else np.int64)
+    # (the examples, not their row layout: shared-prompt rows hold the same pairs)
+    same = dataclasses.replace(settings, kind=settings.kind.removeprefix("shared_"))
     digest = hashlib.sha256(
-        f"{n}|{settings}|".encode() + result.digest.tobytes() + kept.tobytes()
+        f"{n}|{same}|".encode() + result.digest.tobytes() + kept.tobytes()
     ).hexdigest()
     return RecordExamples(records, tokenizer, settings, kept, digest=digest), result.stats

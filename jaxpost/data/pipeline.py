@@ -285,7 +285,7 @@ def shared_features(ex: PairExample, shift: bool) -> dict[str, np.ndarray]:
     c = _sequence_features(ex.chosen, shift)
     r = _sequence_features(ex.rejected, shift)
     nc, nr = len(c["inputs"]), len(r["inputs"])
-    m = min(nc, nr) - 1
+    m = max(min(nc, nr) - 1, 0)
     same = c["loss_mask"][:m] == 0
     for k in c:
         same &= c[k][:m] == r[k][:m]

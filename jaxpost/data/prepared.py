@@ -530,8 +530,9 @@ def open_examples(
         dropped=int((~kept).sum()),
         target_tokens=int(index[kept][..., 3].sum()),  # before truncation of the cut ones
     )
+    same = dataclasses.replace(settings, kind=settings.kind.removeprefix("shared_"))  # (layout)
     digest = hashlib.sha256(
-        f"{info['digest']}|{start}:{stop}|{settings}".encode() + kept_ids.tobytes()
+        f"{info['digest']}|{start}:{stop}|{same}".encode() + kept_ids.tobytes()
     ).hexdigest()
     shards = [s["file"] for s in info["shards"]]
     examples = PreparedExamples(
