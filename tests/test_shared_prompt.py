@@ -192,6 +192,7 @@ def test_the_layout_does_not_change_what_the_examples_are():
         kind: pipeline.open_examples(
             "builtin:sort_prefs", "eval", handle, pipeline.Settings(kind, 48)
         )[0].digest
-        for kind in ("pairs", "shared_pairs", "sft")
+        for kind in ("pairs", "shared_pairs", "reward_pairs", "shared_reward_pairs")
     }
-    assert digests["pairs"] == digests["shared_pairs"] != digests["sft"]
+    assert digests["pairs"] == digests["shared_pairs"]
+    assert digests["reward_pairs"] == digests["shared_reward_pairs"] != digests["pairs"]

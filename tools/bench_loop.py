@@ -9,8 +9,8 @@ one step late and written every `log.every_steps`, the stop check, the checkpoin
 evaluation and periodic checkpoints off, its `seconds_per_step` read from metrics.jsonl (the
 first logging window left out: it holds the compile); and the bare step: the same plan, state
 and compiled step called back to back on batches taken from the same pipeline beforehand and
-already on device. Prints one JSON line per run and the overhead of the loop's median over the
-bare median.
+already on device (after three warm-up calls, timed over windows of `log.every_steps`).
+Prints one JSON line per run and the overhead of the loop's median over the bare median.
 
 On a CPU backend the data pipeline (reading, tokenising, packing) runs on the cores that also
 compute the step, so it shows up as loop time here, where on a GPU/TPU host it overlaps the
@@ -108,13 +108,18 @@ def bare_seconds(config, steps: int) -> float:
             plan.objective, tx, schedule, state_shardings=shardings, mesh=plan.mesh
         )
         batches = [sharding.to_global(next(iterator), plan.mesh) for _ in range(8)]
-        state, m = step(state, batches[0], None)  # compile
+        for i in range(3):  # compile, then warm up as the loop's first (unmeasured) window does
+            state, m = step(state, batches[i], None)
         jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            state, m = step(state, batches[i % len(batches)], None)
-        jax.block_until_ready((state, m))
-        return (time.perf_counter() - t0) / steps
+        # the loop's statistic: the median over windows of `log.every_steps` steps
+        window, times = int(config.log.every_steps), []
+        for w in range(max(1, steps // window)):
+            t0 = time.perf_counter()
+            for i in range(window):
+                state, m = step(state, batches[(w * window + i) % len(batches)], None)
+            jax.block_until_ready((state, m))
+            times.append((time.perf_counter() - t0) / window)
+        return statistics.median(times)
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("time", "save", "step", "eval", "reference", "term", "term-any")
 PREEMPTED_EXIT = 75
-RATES = ("tokens_per_sec", "mfu")  # wall-clock dependent: not compared
+RATES = ("tokens_per_sec", "mfu", "seconds_per_step")  # wall-clock dependent: not compared
 _MARKERS = {
     "step": re.compile(r"\bstep \d+/\d+ \|"),
     "term": re.compile(r"\bstep \d+/\d+ \|"),
