@@ -111,5 +111,7 @@ def preference_aux(batch, valid, logps, lengths, logit_sums, rewards, extra=None
             "logits/rejected": (jnp.sum(mr), jnp.sum(lr)),
             **(extra or {}),
         },
-        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
+        # tokens as run (a shared prompt counts once) and pairs: with shared prompts the pairs
+        # per step, not the tokens, compare with unshared runs
+        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0), "num_pairs": jnp.sum(valid)},
     }

@@ -55,7 +55,7 @@ def loss_fn(params, batch, frozen, *, model, segments, center_rewards_coefficien
             "margin": (jnp.sum(jnp.where(valid, rc - rr, 0.0)), n_pairs),
             "mean_reward": (jnp.sum(jnp.where(both_valid, both, 0.0)), 2 * n_pairs),
         },
-        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0)},
+        "totals": {"num_tokens": jnp.sum(batch["segment_ids"] > 0), "num_pairs": n_pairs},
         "minima": {"min_reward": jnp.min(jnp.where(both_valid, both, jnp.inf))},
         "maxima": {"max_reward": jnp.max(jnp.where(both_valid, both, -jnp.inf))},
     }
