@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -44,6 +43,15 @@ def malloc_env(
         return None
     tunables = ":".join(t for t in (tunables, MALLOC_TUNABLE) if t)
     return {**environ, "GLIBC_TUNABLES": tunables, "_JAXPOST_REEXEC": "1"}
+
+
+def _libc() -> tuple[str, str]:
+    """`("glibc", "2.36")` on glibc; ("", "") where unknown (cheap: no binary scan)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (AttributeError, ValueError, OSError):
+        return "", ""
+    return name, version
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -332,7 +340,7 @@ def _before_after(before: dict, after: dict, start: int, end: int) -> str:
 def run() -> None:
     """Console entry point: user errors print one clear line, not a traceback; a stop request
     (SIGTERM) exits with status 75 after saving what a run can save."""
-    env = malloc_env(os.environ, platform.libc_ver())
+    env = malloc_env(os.environ, _libc())
     if env is not None and sys.executable:
         try:  # the same invocation (interpreter options, console script or -m) again
             os.execve(sys.executable, sys.orig_argv, env)
