@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         # rm, dpo, simpo, orpo: one encoding of each pair's common prompt -- a pair is one span
         # of a packed row of 2 x data.seq_len tokens (prompt, chosen, rejected), so it costs
         # prompt + 2 completions instead of 2 x (prompt + completion). Needs data.packing and
-        # an attention kernel with masks (xla, cudnn; not splash)
+        # an attention kernel with masks (blockwise, xla, cudnn; not splash)
         shared_prompt=False,
     )
     c.init = dict(

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost import attention as attention_lib
+from jaxpost import blockwise, matmul
 
 Params = Any  # a plain nested dict of arrays
 
@@ -64,11 +65,13 @@ class Config:
     rope_original_max_position: int = 8192
     sliding_window: int = 0  # >0: each token attends to at most this many (itself included)
     max_position_embeddings: int = 4096  # the context it was trained for (metadata for export)
-    # attention kernel for training/eval passes: "xla" (portable), "cudnn" (NVIDIA GPUs,
-    # bf16/fp16: fused flash attention that skips the masked upper triangle; 2.1x the bench-1b
-    # step on an H200), "splash" (TPUs: Pallas flash attention, no [B, H, L, L] scores; see
-    # jaxpost/attention.py), or "auto" (splash on a TPU, cudnn on a GPU in bf16/fp16 with
-    # head_dim <= 128, else xla). Sampling with a KV cache always uses xla.
+    # attention kernel for training/eval passes: "xla" (portable: jax.nn.dot_product_attention),
+    # "blockwise" (portable: skips the masked upper triangle and recomputes the weights in the
+    # backward pass instead of keeping [B, H, L, L] of them; jaxpost/blockwise.py), "cudnn"
+    # (NVIDIA GPUs, bf16/fp16: fused flash attention; 2.1x the bench-1b step on an H200),
+    # "splash" (TPUs: Pallas flash attention, no [B, H, L, L] scores; jaxpost/attention.py), or
+    # "auto" (splash on a TPU, cudnn on a GPU in bf16/fp16 with head_dim <= 128, blockwise on
+    # CPU, else xla). Sampling with a KV cache always uses xla.
     attention: str = "auto"
     init_std: float = 0.02
     # activations and matmuls; "auto" becomes bfloat16 on GPUs/TPUs and float32 on CPU when the
@@ -121,7 +124,7 @@ def resolve_dtype(dtype: str, backend: str | None = None) -> str:
 
 
 ROPE_SCALINGS = ("", "linear", "llama3")
-ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_KERNELS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
 
 def attention_kernel(config: Config) -> str:
@@ -140,7 +143,9 @@ def attention_kernel(config: Config) -> str:
         return "splash"
     fast_dtype = config.dtype in ("bfloat16", "float16")
     on_gpu = platform == "gpu"
-    return "cudnn" if on_gpu and fast_dtype and config.head_dim <= 128 else "xla"
+    if on_gpu and fast_dtype and config.head_dim <= 128:
+        return "cudnn"
+    return "blockwise" if platform == "cpu" else "xla"
 
 
 def _kernel(module: nn.Module, cache) -> str:
@@ -336,15 +341,38 @@ class Dense(nn.Module):
     std: float
     use_bias: bool = False
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
+        shape = self.in_shape + self.out_shape
+        self.kernel = _param(self, "kernel", shape, self.axes, _init(self.std))
         n_in = len(self.in_shape)
-        kernel = _param(self, "kernel", self.in_shape + self.out_shape, self.axes, _init(self.std))
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        self.bias = None
         if self.use_bias:
-            y = y + _param(self, "bias", self.out_shape, self.axes[n_in:], nn.initializers.zeros)
-        return y
+            bias_axes = self.axes[n_in:]
+            self.bias = _param(self, "bias", self.out_shape, bias_axes, nn.initializers.zeros)
+
+    def __call__(self, x):
+        return dense_group(x, (self,))[0]
+
+
+def dense_group(x, layers: tuple[Dense, ...]) -> list[jax.Array]:
+    """`[layer(x) for layer in layers]` for Dense layers of one `in_shape`. Compiling for CPU,
+    one `matmul.project` (its backward pass reads x transposed, saved once for the group) when
+    x is no larger than the outputs (q/k/v, gate/up, o, the LM head; not down, where XLA's own
+    choice, transposing the smaller output gradient, is the cheaper one); elsewhere
+    `dot_general` each."""
+    n_in = len(layers[0].in_shape)
+    lead = x.shape[: x.ndim - n_in]
+    size = math.prod(layers[0].in_shape)
+    out_size = sum(math.prod(layer.out_shape) for layer in layers)
+    if matmul.enabled() and size <= out_size:
+        kernels = [layer.kernel.reshape(size, -1) for layer in layers]
+        ys = matmul.project(x.reshape(-1, size), kernels)
+        ys = [y.reshape(lead + layer.out_shape) for y, layer in zip(ys, layers, strict=True)]
+    else:
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        ys = [jax.lax.dot_general(x, layer.kernel, (contract, ((), ()))) for layer in layers]
+    pairs = zip(ys, layers, strict=True)
+    return [y if layer.bias is None else y + layer.bias for y, layer in pairs]
 
 
 class Attention(nn.Module):
@@ -365,9 +393,8 @@ class Attention(nn.Module):
             axes = ("embed", head_axis, "head_dim")
             return Dense(cfg, (D,), (heads, Dh), axes, cfg.init_std, cfg.qkv_bias, name=name)
 
-        q_BLHD = proj("q", H, "heads")(x_BLD)
-        k_BLKD = proj("k", K, "kv_heads")(x_BLD)
-        v_BLKD = proj("v", K, "kv_heads")(x_BLD)
+        projections = (proj("q", H, "heads"), proj("k", K, "kv_heads"), proj("v", K, "kv_heads"))
+        q_BLHD, k_BLKD, v_BLKD = dense_group(x_BLD, projections)
         q_BLHD = _constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
         if cfg.qk_norm:
             q_BLHD = RMSNorm(cfg, "head_dim", name="q_norm")(q_BLHD)
@@ -393,6 +420,8 @@ class Attention(nn.Module):
             out_BLHD = jax.nn.dot_product_attention(
                 q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS, is_causal=True, implementation="cudnn"
             )
+        elif kernel == "blockwise":
+            out_BLHD = blockwise.attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LS)
         else:
             out_BLHD = jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LS)
         out_BLHD = _constrain(out_BLHD, ("act_batch", "act_length", "act_heads", None))
@@ -408,8 +437,9 @@ class Mlp(nn.Module):
     def __call__(self, x_BLD):
         cfg = self.config
         D, F = cfg.d_model, cfg.mlp_dim
-        gate_BLF = Dense(cfg, (D,), (F,), ("embed", "mlp"), cfg.init_std, name="gate")(x_BLD)
-        up_BLF = Dense(cfg, (D,), (F,), ("embed", "mlp"), cfg.init_std, name="up")(x_BLD)
+        gate = Dense(cfg, (D,), (F,), ("embed", "mlp"), cfg.init_std, name="gate")
+        up = Dense(cfg, (D,), (F,), ("embed", "mlp"), cfg.init_std, name="up")
+        gate_BLF, up_BLF = dense_group(x_BLD, (gate, up))
         h_BLF = _constrain(nn.silu(gate_BLF) * up_BLF, ("act_batch", "act_length", "act_mlp"))
         down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return Dense(cfg, (F,), (D,), ("mlp", "embed"), down_std, name="down")(h_BLF)
@@ -482,13 +512,17 @@ class Decoder(nn.Module):
         x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(cfg.dtype)
         x_BLD = _constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
         cos_BLD, sin_BLD = rope_tables(positions_BL, cfg)
-        if branch_ids_BL is not None and _kernel(self, cache) == "splash":
-            raise ValueError(
-                "shared-prompt pairs (branch ids) need an attention mask the splash kernel "
-                "cannot express: set --config.model.attention=xla, or "
-                "--config.objective.shared_prompt=false"
-            )
-        if _kernel(self, cache) == "splash":
+        kernel, layer_cfg = _kernel(self, cache), cfg
+        if branch_ids_BL is not None and kernel == "splash":
+            if cfg.attention != "auto":
+                raise ValueError(
+                    "shared-prompt pairs (branch ids) need an attention mask the splash kernel "
+                    "cannot express: set --config.model.attention=blockwise (what auto picks "
+                    "for them on TPUs), or --config.objective.shared_prompt=false"
+                )
+            kernel = "blockwise"  # auto: a kernel that takes the branch mask
+            layer_cfg = dataclasses.replace(cfg, attention=kernel)
+        if kernel == "splash":
             mask_B1LS = None  # the kernel masks from the segment ids, block by block
         elif cache is None:
             mask_B1LS = attention_mask(
@@ -507,7 +541,7 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast,) * 5 + (0,),
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
+        )(layer_cfg, name="layers")
         x_BLD, new_cache = layers(
             x_BLD, cos_BLD, sin_BLD, mask_B1LS, segment_ids_BL, positions_BL, cache
         )
@@ -526,12 +560,18 @@ class Decoder(nn.Module):
             )
         # float32 logits whatever the compute dtype (the matmul accumulates in float32): bf16
         # logits would round every log-prob before the log-softmax.
-        logits_BLV = jnp.einsum(
-            "bld,dv->blv",
-            x_BLD,
-            unembed_DV.astype(cfg.dtype),
-            preferred_element_type=logits_dtype(cfg),
-        )
+        if matmul.enabled():
+            (logits_ND,) = matmul.project(
+                x_BLD.reshape(-1, cfg.d_model), [unembed_DV.astype(cfg.dtype)], logits_dtype(cfg)
+            )
+            logits_BLV = logits_ND.reshape(B, L, cfg.vocab_size)
+        else:
+            logits_BLV = jnp.einsum(
+                "bld,dv->blv",
+                x_BLD,
+                unembed_DV.astype(cfg.dtype),
+                preferred_element_type=logits_dtype(cfg),
+            )
         logits_BLV = _constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
         return logits_BLV if cache is None else (logits_BLV, new_cache)
 

@@ -73,7 +73,7 @@ def make_plan(
         config.objective, model_config, segments_per_row=packing["segments_per_row"]
     )
     if pipeline.is_shared(objective.data_kind):
-        check_shared_prompt(config, backend)
+        check_shared_prompt(config)
     if config.init.hf_dir:
         kind = hf.read_config(config.init.hf_dir)[1]
         if kind == "reward" and objective.params_kind != "reward":
@@ -108,7 +108,7 @@ def make_plan(
     return Plan(config, model_config, objective, mesh, layout, packing, tokenizer)
 
 
-def check_shared_prompt(config: ml_collections.ConfigDict, backend: str | None) -> None:
+def check_shared_prompt(config: ml_collections.ConfigDict) -> None:
     """Shared-prompt pair rows need packing (a pair alone in a row of 2 x seq_len saves
     nothing) and an attention kernel that takes a mask."""
     if config.data.packing == "none":
@@ -117,14 +117,12 @@ def check_shared_prompt(config: ml_collections.ConfigDict, backend: str | None) 
             f"of 2 x data.seq_len={2 * int(config.data.seq_len)} tokens: set "
             "--config.data.packing=first_fit (or best_fit)"
         )
-    platform = backend or jax.default_backend()
-    if config.model.attention == "splash" or (
-        config.model.attention == "auto" and platform == "tpu"
-    ):
+    if config.model.attention == "splash":
         raise ValueError(
             "config.objective.shared_prompt=True masks the rejected completion from the chosen "
-            "one, which the splash kernel (model.attention=auto on TPU) cannot express: set "
-            "--config.model.attention=xla, or objective.shared_prompt=false"
+            "one, which the splash kernel cannot express: set --config.model.attention=auto "
+            "(blockwise attention for these rows on TPUs) or blockwise, or "
+            "objective.shared_prompt=false"
         )
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpost import attention, memory, sharding
+from jaxpost import attention, matmul, memory, sharding
 from jaxpost import config as config_lib
 from jaxpost import model as model_lib
 
@@ -117,7 +117,7 @@ def test_decoder_with_splash_equals_xla():
 
 def test_kernel_choice():
     cfg = model_lib.preset("smoke", dtype="bfloat16")
-    assert model_lib.attention_kernel(cfg) == "xla"  # auto on CPU
+    assert model_lib.attention_kernel(cfg) == "blockwise"  # auto on CPU
     splash_cfg = dataclasses.replace(cfg, attention="splash")
     with pytest.raises(ValueError, match="attention='splash' is a TPU kernel.*'cpu'"):
         model_lib.attention_kernel(splash_cfg)
@@ -132,6 +132,15 @@ def test_kernel_choice():
         assert model_lib.attention_kernel(cfg) == "splash"  # auto, compiling for a TPU
         assert model_lib.attention_kernel(splash_cfg) == "splash"
         assert model_lib.attention_kernel(dataclasses.replace(cfg, attention="xla")) == "xla"
+        assert not matmul.enabled()  # the CPU projections only when compiling for CPU
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    gpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=gpu)
+    with jax.sharding.use_abstract_mesh(gpu_mesh):
+        assert model_lib.attention_kernel(cfg) == "cudnn"  # auto, bf16 on a GPU
+        f32 = dataclasses.replace(cfg, dtype="float32")
+        assert model_lib.attention_kernel(f32) == "xla"
+        assert not matmul.enabled()
+    assert matmul.enabled()
 
 
 # --- compiled for a TPU slice on this machine (needs libtpu: pip install 'jaxpost[tpu-aot]') ---

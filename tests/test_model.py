@@ -222,7 +222,9 @@ def test_sliding_window_mask():
 
 def test_attention_kernel_choice():
     base = model_lib.preset("smoke", dtype="bfloat16")
-    assert model_lib.attention_kernel(base) == "xla"  # auto: cudnn only on a GPU
+    # auto: cudnn only on a GPU, blockwise on CPU
+    assert model_lib.attention_kernel(base) == "blockwise"
+    assert model_lib.attention_kernel(dataclasses.replace(base, attention="xla")) == "xla"
     assert model_lib.attention_kernel(dataclasses.replace(base, attention="cudnn")) == "cudnn"
     with pytest.raises(ValueError, match="attention='flash' is not one of"):
         dataclasses.replace(base, attention="flash")

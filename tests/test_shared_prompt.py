@@ -196,3 +196,38 @@ def test_the_layout_does_not_change_what_the_examples_are():
     }
     assert digests["pairs"] == digests["shared_pairs"]
     assert digests["reward_pairs"] == digests["shared_reward_pairs"] != digests["pairs"]
+
+
+def test_auto_attention_takes_the_branch_mask_when_compiling_for_tpu():
+    """On TPUs `auto` means splash, which cannot mask branches: shared-prompt rows get the
+    blockwise kernel instead (traced for a TPU mesh here); an explicit splash is refused."""
+    import dataclasses
+
+    cfg = model_lib.preset("smoke")
+    params = model_lib.init_params(cfg, seed=0)
+    row = {
+        k: jnp.asarray(v)[None]
+        for k, v in pipeline.shared_features(_pair([5, 9, 14], [7, 8], [11]), True).items()
+    }
+
+    def trace(config):
+        model = model_lib.Decoder(config)
+        return jax.make_jaxpr(
+            lambda p: model.apply(
+                {"params": p},
+                row["inputs"],
+                row["positions"],
+                jnp.ones_like(row["inputs"]),
+                branch_ids_BL=row["branch_ids"],
+            )
+        )(params)
+
+    tpu = jax.sharding.AbstractDevice(device_kind="TPU v5", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=tpu)
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert model_lib.attention_kernel(cfg) == "splash"
+        jaxpr = str(trace(cfg))
+        assert "custom_vjp_call" in jaxpr  # jaxpost.blockwise (the CPU projections are off)
+        assert "dot_product_attention" not in jaxpr
+        with pytest.raises(ValueError, match="attention=blockwise"):
+            trace(dataclasses.replace(cfg, attention="splash"))

@@ -93,6 +93,9 @@ ROWS = (
     # Shared prompts take XLA attention (a mask splash cannot express): rows of 4096 tokens.
     Row("bench-1b", "sft", 2048, "v5p-128", chunk=-1, per_chip=2),
     Row("bench-1b", "dpo", 2048, "v5p-128", chunk=-1, shared=True),
+    # ... or blockwise attention (jaxpost/blockwise.py): takes the mask, keeps no weights.
+    Row("bench-1b", "sft", 2048, "v5p-128", chunk=-1, per_chip=2, attention="blockwise"),
+    Row("bench-1b", "dpo", 2048, "v5p-128", chunk=-1, shared=True, attention="blockwise"),
 )
 
 

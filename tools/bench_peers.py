@@ -190,6 +190,11 @@ def main(argv=None) -> list[dict]:
         _worker(args)
         return []
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    # Both sides run with the allocator setting the `jaxpost` command gives itself (huge pages
+    # for glibc malloc, docs/PERFORMANCE.md); set JAXPOST_MALLOC_TUNING=0 to measure without.
+    from jaxpost import main as cli
+
+    env = cli.malloc_env(env, cli._libc()) or env
     env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
     common = [f"--model={args.model}", f"--batch={args.batch}", f"--seq={args.seq}",
               f"--steps={args.steps}", f"--warmup={args.warmup}",
