@@ -1,9 +1,9 @@
 """Pure loss math on arrays, importable into any JAX code.
 
-Only jax and numpy are imported here and in the submodules (`tokens`, `reward`, `preference`;
-everything public is importable from `jaxpost.losses`). Every function is jit- and grad-safe and
-computes in the dtype of its inputs, except that half-precision inputs (bfloat16, float16) are
-upcast to float32 for the reductions, so log-softmax never overflows.
+Only jax and numpy are imported here and in the submodules (`tokens`, `reward`, `preference`,
+`policy`; everything public is importable from `jaxpost.losses`). Every function is jit- and
+grad-safe and computes in the dtype of its inputs, except that half-precision inputs (bfloat16,
+float16) are upcast to float32 for the reductions, so log-softmax never overflows.
 
 Shape legend: B batch, L length (targets), V vocabulary, D model width.
 
@@ -16,6 +16,14 @@ Conventions:
 
 from __future__ import annotations
 
+from jaxpost.losses.policy import (
+    POLICY_LOSS_TYPES,
+    SCALE_REWARDS,
+    group_advantages,
+    policy_loss,
+    policy_loss_terms,
+    rloo_advantages,
+)
 from jaxpost.losses.preference import (
     DPO_LOSSES,
     F_DIVERGENCE_LOSSES,
@@ -47,6 +55,12 @@ from jaxpost.losses.tokens import (
 )
 
 __all__ = [
+    "POLICY_LOSS_TYPES",
+    "SCALE_REWARDS",
+    "group_advantages",
+    "rloo_advantages",
+    "policy_loss_terms",
+    "policy_loss",
     "token_logps",
     "sequence_logps",
     "sft_loss",
