@@ -32,7 +32,9 @@ import jax.numpy as jnp
 # the fewest queries a block holds (smaller blocks give XLA too small matmuls)
 MIN_BLOCK = 32
 MAX_BLOCKS = 8
-_NEG = -1e30  # masked scores (finite: a fully masked row gives uniform weights, as jax.nn does)
+# masked scores: finite, so a fully masked row (the decoder's masks have none: the diagonal is
+# always allowed) gives uniform weights over its block's keys instead of NaN
+_NEG = -1e30
 
 
 def num_blocks(length: int) -> int:

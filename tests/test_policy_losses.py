@@ -31,9 +31,9 @@ def test_group_advantages_by_hand():
     np.testing.assert_allclose(std, [batch_std] * 8, rtol=1e-12)
     adv, _ = losses.group_advantages(rewards, 4, scale_rewards="none")  # Dr. GRPO
     np.testing.assert_allclose(adv, [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], rtol=1e-12)
-    # one generation per prompt: no spread to measure, advantages 0 (TRL's nan_to_num)
+    # one generation per prompt: no spread to measure; std 0 and advantages 0, as in TRL
     adv, std = losses.group_advantages(jnp.asarray([3.0, 1.0]), 1)
-    assert np.isnan(np.asarray(std)).all() and np.asarray(adv).tolist() == [0.0, 0.0]
+    assert np.asarray(std).tolist() == [0.0, 0.0] and np.asarray(adv).tolist() == [0.0, 0.0]
 
 
 def test_rloo_advantages_by_hand():
@@ -136,3 +136,15 @@ def test_bad_options_are_named():
         losses.policy_loss(*args, beta=0.1)
     with pytest.raises(ValueError, match="scale_rewards='std'"):
         losses.group_advantages(jnp.ones(4), 2, scale_rewards="std")
+
+
+def test_unscorable_rewards_leave_their_siblings_alone():
+    """A NaN reward (no reward function could score it) gets advantage 0 and is left out of its
+    group's statistics, as TRL's nan-aware mean and std do."""
+    rewards = jnp.asarray([1.0, jnp.nan, 0.0, 1.0, 0.0, 1.0])
+    adv, std = losses.group_advantages(rewards, 3)
+    half = 0.5 / (math.sqrt(0.5) + 1e-4)  # group [1, 0]: mean 0.5, std sqrt(0.5)
+    np.testing.assert_allclose(adv[:3], [half, 0.0, -half], rtol=1e-12)
+    np.testing.assert_allclose(std[3:], [math.sqrt(1 / 3)] * 3, rtol=1e-12)  # group [1, 0, 1]
+    adv = losses.rloo_advantages(rewards, 3)
+    np.testing.assert_allclose(adv, [1.0, 0.0, -1.0, 0.5, -1.0, 0.5], rtol=1e-12)

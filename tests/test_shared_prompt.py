@@ -228,6 +228,6 @@ def test_auto_attention_takes_the_branch_mask_when_compiling_for_tpu():
         assert model_lib.attention_kernel(cfg) == "splash"
         jaxpr = str(trace(cfg))
         assert "custom_vjp_call" in jaxpr  # jaxpost.blockwise (the CPU projections are off)
-        assert "dot_product_attention" not in jaxpr
+        assert "dot_product_attention" not in jaxpr and "pallas_call" not in jaxpr
         with pytest.raises(ValueError, match="attention=blockwise"):
             trace(dataclasses.replace(cfg, attention="splash"))

@@ -14,7 +14,9 @@ weight decay on matrices only, gradient clipping at norm 1) and float32 on CPU:
   model (a second forward pass without gradients), as a PyTorch DPO loop runs it.
 
 Each side runs in its own process, one after the other (PyTorch's threads and XLA's never
-compete), `--warmup` steps then `--steps` timed steps; tokens/s counts every row token. Prints
+compete), both with the allocator setting the `jaxpost` command gives itself (glibc malloc on
+transparent huge pages; `JAXPOST_MALLOC_TUNING=0` measures without), `--warmup` steps then
+`--steps` timed steps; tokens/s counts every row token. Prints
 a Markdown table and one JSON line per row.
 """
 

@@ -1,6 +1,8 @@
 """Online policy optimisation (GRPO / RLOO family): advantages from grouped rewards and the
-clipped importance-ratio surrogate, with TRL 1.16 GRPOTrainer's / RLOOTrainer's option names,
-defaults and meaning (`grpo_trainer.py` `_compute_loss`, `_generate_and_score_completions`).
+clipped importance-ratio surrogate, with TRL 1.16 GRPOTrainer's option names, defaults and
+meaning (`grpo_trainer.py` `_compute_loss`, `_generate_and_score_completions`); `rloo_advantages`
+follows RLOOTrainer's. Not here (yet): RLOOTrainer's own loss, whose ratio is per sequence
+(`exp` of the summed token log-ratios) and whose KL is a k1 penalty taken from the reward.
 
 Layout: N completions = P prompts x G generations, a prompt's G completions consecutive (TRL's
 `repeat_interleave` order); per-token arrays are `[N, T]` over the completion tokens, with a 0/1
@@ -23,12 +25,12 @@ STD_EPS = 1e-4  # TRL's `std + 1e-4` in the advantage denominators
 
 
 def _std(x, axis=None):
-    """Bessel-corrected standard deviation (TRL's `nanstd`, torch.std's default); NaN with
-    fewer than 2 values."""
-    n = x.size if axis is None else x.shape[axis]
-    mean = jnp.mean(x, axis=axis, keepdims=True)
-    var = jnp.sum((x - mean) ** 2, axis=axis, keepdims=True) / (n - 1) if n > 1 else jnp.nan
-    return jnp.sqrt(jnp.broadcast_to(var, mean.shape))
+    """NaN-ignoring, Bessel-corrected standard deviation (TRL's `nanstd`, torch.std's default);
+    NaN with fewer than 2 values."""
+    count = jnp.sum(~jnp.isnan(x), axis=axis, keepdims=True)
+    mean = jnp.nanmean(x, axis=axis, keepdims=True)
+    var = jnp.nansum((x - mean) ** 2, axis=axis, keepdims=True) / jnp.maximum(count - 1, 1)
+    return jnp.where(count > 1, jnp.sqrt(var), jnp.nan)
 
 
 def group_advantages(
@@ -36,14 +38,17 @@ def group_advantages(
 ) -> tuple[jax.Array, jax.Array]:
     """GRPO advantages `(r - mean of its group) / (std + 1e-4)` and that std `[N]` (for the
     `frac_reward_zero_std` metric). `scale_rewards`: "group" (each group's std), "batch" (the
-    std of all N rewards), "none" (no division: Dr. GRPO). A std from one value is NaN and its
-    advantages 0, as TRL's `nan_to_num`."""
+    std of all N rewards), "none" (no division: Dr. GRPO). A NaN reward (a completion no reward
+    function could score) is left out of its group's mean and std and gets advantage 0, as in
+    TRL; with one generation per prompt the std is 0 and the advantages 0."""
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {SCALE_REWARDS}")
     dtype = compute_dtype(rewards_N.dtype)
     r_PG = _grouped(rewards_N.astype(dtype), num_generations)
-    centred_PG = r_PG - jnp.mean(r_PG, axis=1, keepdims=True)
-    if scale_rewards == "batch":
+    centred_PG = r_PG - jnp.nanmean(r_PG, axis=1, keepdims=True)
+    if num_generations == 1:
+        std_PG = jnp.zeros_like(r_PG)
+    elif scale_rewards == "batch":
         std_PG = jnp.broadcast_to(_std(r_PG), r_PG.shape)
     else:
         std_PG = jnp.broadcast_to(_std(r_PG, axis=1), r_PG.shape)
@@ -56,15 +61,18 @@ def rloo_advantages(
 ) -> jax.Array:
     """RLOO advantages: each reward minus the mean of the other G - 1 rewards of its prompt
     (the leave-one-out baseline; Ahmadian et al. 2024), optionally standardised over the batch
-    (`(a - mean) / (std + 1e-4)`, TRL's `normalize_advantages`). Needs G >= 2."""
+    (`(a - mean) / (std + 1e-4)`, TRL's `normalize_advantages`). Needs G >= 2. NaN rewards
+    (unscorable) are left out of their siblings' baselines and get advantage 0, as in TRL."""
     if num_generations < 2:
         raise ValueError(f"RLOO needs num_generations >= 2, got {num_generations}")
     dtype = compute_dtype(rewards_N.dtype)
     r_PG = _grouped(rewards_N.astype(dtype), num_generations)
-    baseline_PG = (jnp.sum(r_PG, axis=1, keepdims=True) - r_PG) / (num_generations - 1)
-    advantages = (r_PG - baseline_PG).reshape(-1)
+    scorable_PG = ~jnp.isnan(r_PG)
+    others_PG = jnp.sum(scorable_PG, axis=1, keepdims=True) - 1
+    baseline_PG = (jnp.nansum(r_PG, axis=1, keepdims=True) - r_PG) / others_PG
+    advantages = jnp.where(others_PG > 0, r_PG - baseline_PG, 0.0).reshape(-1)
     if normalize_advantages:
-        advantages = (advantages - jnp.mean(advantages)) / (_std(advantages)[0] + STD_EPS)
+        advantages = (advantages - jnp.nanmean(advantages)) / (_std(advantages)[0] + STD_EPS)
     return jnp.nan_to_num(advantages, nan=0.0)
 
 
@@ -123,9 +131,9 @@ def policy_loss_terms(
     clipped = jnp.clip(ratio, 1 - epsilon, 1 + epsilon_high)
     unclipped = ratio if delta is None else jnp.minimum(ratio, delta)
     per_token = -jnp.minimum(unclipped * adv, clipped * adv)
-    terms = {
-        "low_clipped": ((ratio < 1 - epsilon) & (adv < 0)).astype(dtype),
-        "high_clipped": ((ratio > 1 + epsilon_high) & (adv > 0)).astype(dtype),
+    terms = {  # as TRL, on the ratio after the delta cap
+        "low_clipped": ((unclipped < 1 - epsilon) & (adv < 0)).astype(dtype),
+        "high_clipped": ((unclipped > 1 + epsilon_high) & (adv > 0)).astype(dtype),
     }
     if beta != 0.0:
         ref = ref_logps_NT.astype(dtype)
@@ -155,9 +163,10 @@ def policy_loss(
     * "grpo": each sequence's masked token mean, averaged over sequences (length-biased);
     * "bnpo": masked sum / masked token count of this batch;
     * "dr_grpo": masked sum / (N x `max_completion_length`) (Liu et al. 2025);
-    * "dapo" (TRL's default): masked sum / `num_items`, the completion tokens of the whole
-      generation batch (all accumulation steps and devices; default: this batch's count; Yu et
-      al. 2025).
+    * "dapo" (TRL's default): masked sum / `num_items` (Yu et al. 2025): the completion tokens
+      the loss is normalised by -- default this batch's count; TRL divides by the generation
+      batch's count x accumulation steps / steps per generation, which is the tokens of one
+      optimiser step's batch when the two step counts agree.
     """
     if loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {POLICY_LOSS_TYPES}")
